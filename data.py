@@ -1,0 +1,301 @@
+"""
+Images in, (image, label, n_bad) out: an ImageNet-style folder reader and a built-in procedural
+dataset, so every stage also runs offline. image is float32 (3, H, W) in [-1, 1] (x/255*2-1, VAR's
+normalize_01_into_pm1); n_bad counts the unreadable files skipped to produce the sample, so the
+training loop can sum it exactly across DataLoader workers and DDP ranks.
+
+ImageFolder reproduces official VAR's transform (utils/data.py) with PIL only, no torchvision:
+shorter side to round(mid_reso * resolution) with LANCZOS, random (train) or center (eval) crop,
+optional horizontal flip in training. Deviations from torchvision's ImageFolder: every PIL mode
+becomes RGB (alpha composited onto white, 16-bit and float rescaled, not clipped); hidden files
+and folders are ignored; empty and non-image files are skipped with one warning; a corrupt file
+never crashes an epoch (the next file is used instead).
+ProceduralDataset: class-conditional images with structure at three scales (background layout,
+a shape, a fine texture), rendered on the fly from (seed, index). Select it with --data builtin.
+
+    python data.py    # writes procedural_grid.png: 4 samples of each of the 10 classes
+"""
+import colorsys
+import math
+import os
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm',
+                  '.pgm')
+HOLDOUT_EVERY = 50  # a folder without train/ and val/ gives every 50th file (2%) to val
+
+
+# -----------------------------------------------------------------------------
+# image folders
+
+def load_rgb(path):
+    """Decode one file into an 8-bit RGB PIL image; raises on corrupt or truncated files."""
+    # PIL's ImageFile.LOAD_TRUNCATED_IMAGES stays False, so load() raises on truncated data
+    with Image.open(path) as img:
+        img.load()
+        if img.mode in ('I', 'F') or img.mode.startswith('I;16'):
+            a = np.asarray(img, dtype=np.float64)  # (H, W)
+            if img.mode.startswith('I;16') or a.max() > 255:
+                a = a / 257  # 16-bit: 65535 -> 255 (also 32-bit 'I' holding 16-bit PNG data)
+            elif img.mode == 'F' and a.max() <= 1:
+                a = a * 255  # float images in [0, 1]
+            return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8)).convert('RGB')
+        if img.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or 'transparency' in img.info:
+            # composite alpha (also a palette/L/RGB transparent colour) onto white
+            rgba = img.convert('RGBA')
+            white = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert('RGB')
+        return img.convert('RGB')  # L, P, 1, CMYK, YCbCr, ...
+
+
+def _class_folders(root):
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith('.'))
+
+
+def _list_images(folder):
+    """(sorted image paths under folder, recursively; other files: wrong extension or 0 bytes)."""
+    good, skipped = [], []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith('.')]
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if name.startswith('.'):
+                continue  # .DS_Store and friends are not data
+            is_image = name.lower().endswith(IMG_EXTENSIONS) and os.path.isfile(path)
+            (good if is_image and os.path.getsize(path) > 0 else skipped).append(path)
+    return sorted(good), sorted(skipped)
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """Class sub-folders of root give the labels (sorted names); a flat folder is unlabeled."""
+
+    def __init__(self, root, resolution, train=True, hflip=False, mid_reso=1.125):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f'image folder not found: {root}')
+        assert mid_reso >= 1, 'the resized image must cover the crop'
+        self.root, self.resolution, self.train, self.hflip = root, resolution, train, hflip
+        self.mid_size = round(mid_reso * resolution)  # shorter side before cropping (288 for 256)
+        classes = _class_folders(root)
+        self.class_names = classes or ['unlabeled']
+        self.num_classes = len(self.class_names)
+        self.samples = []  # (path, label), the order is deterministic
+        if classes:
+            # loose files next to the class folders have no label: skip them
+            skipped = [e.path for e in os.scandir(root) if e.is_file() and e.name[0] != '.']
+            for label, name in enumerate(classes):
+                good, bad = _list_images(os.path.join(root, name))
+                self.samples += [(path, label) for path in good]
+                skipped += bad
+        else:
+            good, skipped = _list_images(root)
+            self.samples = [(path, 0) for path in good]
+        self.num_skipped_at_scan = len(skipped)
+        if skipped:
+            warnings.warn(f'{root}: skipped {len(skipped)} empty or non-image files '
+                          f'(e.g. {skipped[0]}); image extensions are {IMG_EXTENSIONS}')
+        if not self.samples:
+            raise RuntimeError(f'no images found in {root} (looked for {IMG_EXTENSIONS})')
+        self._warned = set()  # bad paths already reported by this process
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        # a file that fails to decode is replaced by the next one; n_bad counts the failures
+        for n_bad in range(len(self.samples)):
+            path, label = self.samples[(index + n_bad) % len(self.samples)]
+            try:
+                img = load_rgb(path)
+            except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, zlib.error...
+                if path not in self._warned:
+                    self._warned.add(path)
+                    warnings.warn(f'skipping unreadable image {path}: {type(e).__name__}: {e}')
+                continue
+            return self.transform(img), label, n_bad
+        raise RuntimeError(f'all {len(self.samples)} files in {self.root} failed to load')
+
+    def transform(self, img):
+        """VAR's transform: resize (shorter side, LANCZOS), crop, flip, to (3, H, W) in [-1, 1]."""
+        w, h = img.size
+        s, r = self.mid_size, self.resolution
+        size = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)  # torchvision's rounding
+        if size != img.size:
+            img = img.resize(size, Image.Resampling.LANCZOS)
+        w, h = img.size
+        if self.train:  # torch's RNG: reproducible under manual_seed and DataLoader worker seeds
+            top, left = torch.randint(h - r + 1, ()).item(), torch.randint(w - r + 1, ()).item()
+        else:
+            top, left = round((h - r) / 2), round((w - r) / 2)
+        img = img.crop((left, top, left + r, top + r))
+        if self.train and self.hflip and torch.rand(()).item() < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32))  # (H, W, 3) in [0, 255]
+        return (x.permute(2, 0, 1) / 255 * 2 - 1).contiguous()  # (3, H, W) in [-1, 1]
+
+
+# -----------------------------------------------------------------------------
+# built-in procedural dataset
+
+def _frac(a):
+    return a - np.floor(a)
+
+
+# the class shapes as functions of local coordinates (u, v): d <= 1 inside, d ~ 1 on the boundary
+SHAPES = {
+    'disc': lambda u, v: np.sqrt(u * u + v * v),
+    'square': lambda u, v: np.maximum(abs(u), abs(v)) * 1.15,
+    'triangle': lambda u, v: np.maximum(v, 0.866 * abs(u) - 0.5 * v) / 0.58,  # apex up (y down)
+    'ring': lambda u, v: abs(np.sqrt(u * u + v * v) - 0.72) / 0.3,
+    'cross': lambda u, v: np.minimum(np.maximum(abs(u), 2.8 * abs(v)),
+                                     np.maximum(2.8 * abs(u), abs(v))),
+    'diamond': lambda u, v: abs(u) * 1.15 + abs(v) * 0.8,  # taller than wide: not a tilted square
+    'star': lambda u, v: np.sqrt(u * u + v * v) / (  # radius 1 at the 5 tips, 0.45 between
+        0.45 + 0.55 * (2 * _frac(np.arctan2(u, -v) * (5 / (2 * np.pi))) - 1) ** 2),
+    'bars': lambda u, v: np.maximum(abs(v), np.minimum(abs(u), abs(abs(u) - 0.68)) / 0.2),
+    'crescent': lambda u, v: np.maximum(np.sqrt(u * u + v * v),  # a disc minus a shifted disc
+                                        0.78 / np.sqrt((u - 0.42) ** 2 + v * v + 1e-12)),
+    'hexagon': lambda u, v: np.maximum(abs(u), 0.5 * abs(u) + 0.866 * abs(v)) / 0.9,
+}
+# the class textures: binary patterns of coordinates p, q measured in pattern periods
+TEXTURES = {
+    'stripes': lambda p, q: _frac(p) < 0.5,
+    'checks': lambda p, q: (_frac(p) < 0.5) ^ (_frac(q) < 0.5),
+    'dots': lambda p, q: (_frac(p) - 0.5) ** 2 + (_frac(q) - 0.5) ** 2 < 0.35 ** 2,
+    'waves': lambda p, q: _frac(p + 0.3 * np.sin(np.pi * q)) < 0.5,
+}
+LAYOUTS = ('gradient', 'split', 'radial')
+HUES = ('red', 'orange', 'yellow', 'lime', 'green', 'mint', 'cyan', 'azure', 'blue', 'violet',
+        'magenta', 'pink')  # names of hue bins 30 degrees apart
+
+
+class ProceduralDataset(torch.utils.data.Dataset):
+    """Offline class-conditional images (background layout, shape, texture) from (seed, index)."""
+
+    def __init__(self, size=10000, resolution=32, num_classes=10, seed=0):
+        assert 1 <= num_classes <= len(SHAPES) * len(TEXTURES), 'at most 40 classes'
+        self.size, self.resolution, self.num_classes = size, resolution, num_classes
+        self.seed = seed
+        # class c: hue c/num_classes; shape c%10 and texture (c + c//10)%4, a distinct pair for
+        # every c < 40; layout c%3; background and texture directions spread by the golden angle
+        self.specs = [dict(hue=c / num_classes, shape=list(SHAPES)[c % 10],
+                           texture=list(TEXTURES)[(c + c // 10) % 4], layout=LAYOUTS[c % 3],
+                           angle=2.4 * c, tex_angle=1 + 7.2 * c, freq=3 + 0.5 * (c % 3))
+                      for c in range(num_classes)]
+        self.class_names = ['-'.join((HUES[round(s['hue'] * 12) % 12], s['shape'],
+                                      s['texture'])) for s in self.specs]
+        # masks are drawn on a grid supersampled k times and box-filtered: anti-aliased edges
+        self.ss = max(2, min(4, 96 // resolution))
+        grid = lambda n: (np.arange(n, dtype=np.float32) + 0.5) / n * 2 - 1  # pixel centres
+        self.y, self.x = np.meshgrid(grid(resolution * self.ss), grid(resolution * self.ss),
+                                     indexing='ij')  # (S, S) each, S = k * resolution, y down
+        self.y_lo, self.x_lo = np.meshgrid(grid(resolution), grid(resolution), indexing='ij')
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, index):
+        rng = np.random.default_rng((self.seed, index))  # deterministic per sample, worker-safe
+        label = index % self.num_classes  # exactly balanced classes
+        img = self.render(self.specs[label], rng)  # (H, W, 3) in [0, 1]
+        x = torch.from_numpy(img).permute(2, 0, 1)  # (3, H, W)
+        return (x * 2 - 1).contiguous(), label, 0
+
+    def render(self, spec, rng):
+        """One image (H, W, 3) float32 in [0, 1], quantised to 8 bits like a decoded PNG."""
+        n, k = self.resolution, self.ss
+        # coverage (H, W) of a supersampled mask: this is what anti-aliases every edge
+        cover = lambda m: m.reshape(n, k, n * k).sum(1, np.float32).reshape(n, n, k).sum(2) / k**2
+        hsv = lambda h, s, v: np.array(colorsys.hsv_to_rgb(h % 1, s, v), dtype=np.float32)
+        hue = spec['hue'] + rng.uniform(-0.02, 0.02)
+        # coarse scale: two complementary background tones along a class-specific direction
+        a = spec['angle'] + rng.uniform(-0.3, 0.3)
+        ca, sa = math.cos(a), math.sin(a)
+        if spec['layout'] == 'gradient':
+            t = np.clip(0.5 + 0.4 * (self.x_lo * ca + self.y_lo * sa), 0, 1)  # (H, W)
+        elif spec['layout'] == 'split':  # a hard edge, so drawn supersampled
+            t = cover(self.x * ca + self.y * sa > rng.uniform(-0.3, 0.3))  # (H, W)
+        else:  # radial glow from a point outside the image
+            t = np.clip(np.hypot(self.x_lo + 1.3 * ca, self.y_lo + 1.3 * sa) / 2.6, 0, 1)
+        dark, light = hsv(hue + 0.5, 0.6, 0.25), hsv(hue + 0.56, 0.35, 0.75)
+        bg = dark + t[..., None] * (light - dark)  # (H, W, 3)
+        # mid scale: the class shape with jittered position, size, rotation and colour
+        cx, cy = rng.uniform(-0.3, 0.3, size=2)
+        scale, rot = rng.uniform(0.5, 0.68), rng.uniform(-0.2, 0.2)  # a small tilt: upright shapes
+        cr, sr = math.cos(rot) / scale, math.sin(rot) / scale
+        x, y = self.x - cx, self.y - cy  # (S, S)
+        d = SHAPES[spec['shape']](cr * x + sr * y, cr * y - sr * x)  # (S, S)
+        inside = d <= 1
+        edge = inside & (d > 1 - 0.06 / scale)  # a thin dark outline, ~1 px at 32 px
+        # fine scale: a class-specific texture (direction, frequency) with a random phase
+        ta = spec['tex_angle'] + rng.uniform(-0.15, 0.15)
+        ct, st = spec['freq'] * math.cos(ta), spec['freq'] * math.sin(ta)
+        p0, q0 = rng.uniform(0, 1, size=2)
+        tex = TEXTURES[spec['texture']](ct * x + st * y + p0, ct * y - st * x + q0)  # (S, S)
+        # composite by coverage: background, plain shape, textured shape (darker), outline
+        c_in, c_tex, c_edge = cover(inside), cover(inside & tex & ~edge), cover(edge)
+        color = hsv(hue, rng.uniform(0.7, 0.9), rng.uniform(0.85, 1.0))
+        shade = (c_in - 0.45 * c_tex - 0.9 * c_edge)[..., None]  # (H, W, 1)
+        img = bg * (1 - c_in)[..., None] + color * shade  # (H, W, 3)
+        return (np.rint(img * 255) / 255).astype(np.float32)
+
+
+# -----------------------------------------------------------------------------
+# building datasets, saving images
+
+def build_dataset(data, resolution, train, hflip=False, seed=0, size=None):
+    """
+    data='builtin': ProceduralDataset with seed (train) or seed+1 (val), size 10000 / 1000.
+    Otherwise a folder: data/train and data/val if both exist (same class folders), else data
+    itself, whose every HOLDOUT_EVERY-th file (sorted by class then path: 2%, stratified) is the
+    val split and is never used for training. size, if given, keeps that many evenly spaced files.
+    seed only matters for 'builtin'.
+    """
+    if data == 'builtin':
+        size = size or (10000 if train else 1000)
+        return ProceduralDataset(size, resolution, seed=seed if train else seed + 1)
+    if not os.path.isdir(data):
+        raise FileNotFoundError(f"--data {data!r} is not a folder (or use 'builtin')")
+    if os.path.isdir(os.path.join(data, 'train')) and os.path.isdir(os.path.join(data, 'val')):
+        ds = ImageFolder(os.path.join(data, 'train' if train else 'val'), resolution, train, hflip)
+        if ds.class_names != (_class_folders(os.path.join(data, 'train')) or ['unlabeled']):
+            raise ValueError(f'{data}/val must have the same class folders as {data}/train')
+    else:
+        ds = ImageFolder(data, resolution, train, hflip)
+        ds.samples = [s for i, s in enumerate(ds.samples) if (i % HOLDOUT_EVERY == 0) != train]
+        if not ds.samples:
+            raise RuntimeError(f'{data}: too few images to hold out a validation split')
+    if size:
+        ds.samples = ds.samples[::max(1, len(ds.samples) // size)][:size]
+    return ds
+
+
+def to_uint8(images):
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8 numpy, rounding: inverse of x/255*2-1."""
+    x = (images.detach().float().cpu() + 1) * 127.5 + 0.5  # +0.5 then truncation = rounding
+    return x.clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def save_image_grid(images, path, nrow=8, padding=2):
+    """Save (B, 3, H, W) in [-1, 1] as one PNG grid, nrow images per row, black padding."""
+    u8 = to_uint8(images)  # (B, H, W, 3)
+    b, h, w, _ = u8.shape
+    ncol = min(nrow, b)
+    nrows = math.ceil(b / ncol)
+    grid = np.zeros((nrows * (h + padding) + padding, ncol * (w + padding) + padding, 3), np.uint8)
+    for i in range(b):
+        top, left = padding + (i // ncol) * (h + padding), padding + (i % ncol) * (w + padding)
+        grid[top:top + h, left:left + w] = u8[i]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f'{path}.tmp{os.getpid()}'  # write then rename: readers never see half a file
+    Image.fromarray(grid).save(tmp, format='PNG')
+    os.replace(tmp, path)
+
+
+if __name__ == '__main__':
+    ds = ProceduralDataset(size=40, resolution=32)  # label = index % 10: one class per column
+    save_image_grid(torch.stack([ds[i][0] for i in range(40)]), 'procedural_grid.png', nrow=10)
+    print('wrote procedural_grid.png:', ', '.join(ds.class_names))

@@ -1,0 +1,576 @@
+"""
+The test suite: CPU, tiny configs, a few minutes. Each test checks an equation, an invariant or
+an error message, and is named after it.
+
+    python -m pytest test_all.py -q                 # everything
+    python -m pytest test_all.py -q -k vqvae        # one part
+"""
+import hashlib
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import data
+import train
+import vqvae
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+REFERENCE = os.path.join(REPO, '..', 'shared', 'reference')
+
+
+# --- data.py ---------------------------------------------------------------------------------
+
+def solid(color, size=(8, 8), mode='RGB'):
+    return Image.new(mode, size, color)
+
+
+def pm1(v):
+    """8-bit value(s) -> the float32 [-1, 1] value(s) the loader must produce."""
+    return torch.as_tensor(v, dtype=torch.float32) / 255 * 2 - 1
+
+
+def folder_dataset(root, **kw):
+    kw = {'resolution': 8, 'train': False, 'mid_reso': 1.0, **kw}  # 8x8 files: no resize, no crop
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        return data.ImageFolder(str(root), **kw)
+
+
+def by_name(ds, name):
+    i = [os.path.basename(p) for p, _ in ds.samples].index(name)
+    return ds[i][0]
+
+
+# --- loading: every PIL mode becomes RGB in [-1, 1] ---
+
+def test_data_pil_modes_to_rgb(tmp_path):
+    ramp16 = np.linspace(0, 65535, 64).astype(np.uint16).reshape(8, 8)
+    ramp16[0, 1] = 128 * 257  # exactly 8-bit 128 after scaling
+    pal = Image.new('P', (8, 8), 0)
+    pal.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    pal.paste(1, (0, 0, 4, 8))  # left half blue, right half index 0 = transparent red
+    pal.info['transparency'] = 0  # written as the PNG tRNS chunk
+    rgba = solid((10, 200, 30, 255), mode='RGBA')
+    rgba.paste((0, 0, 0, 0), (4, 0, 8, 8))  # right half fully transparent
+    files = {
+        'l0.png': solid(0, mode='L'), 'l255.png': solid(255, mode='L'),
+        'la.png': solid((100, 255), mode='LA'), 'p.png': pal, 'rgba.png': rgba,
+        'cmyk.tif': solid((0, 255, 255, 0), mode='CMYK'),  # magenta + yellow ink = red
+        'i16.png': Image.fromarray(ramp16), 'one.bmp': solid(1, mode='1'),
+        'i32.tif': Image.fromarray(ramp16.astype(np.int32)),
+        'f.tif': Image.fromarray(np.full((8, 8), 0.5, np.float32)),
+    }
+    for name, img in files.items():
+        img.save(tmp_path / name)
+    assert Image.open(tmp_path / 'i16.png').mode.startswith('I')  # really a 16-bit file
+    ds = folder_dataset(tmp_path)
+    assert len(ds) == len(files) and ds.num_skipped_at_scan == 0
+    for name in files:
+        x = by_name(ds, name)
+        assert x.shape == (3, 8, 8) and x.dtype == torch.float32, name
+        assert x.min() >= -1 and x.max() <= 1, name
+    assert torch.all(by_name(ds, 'l0.png') == -1) and torch.all(by_name(ds, 'l255.png') == 1)
+    assert torch.all(by_name(ds, 'one.bmp') == 1)
+    for name in ('i16.png', 'i32.tif'):  # 16-bit is rescaled, not clipped
+        x = by_name(ds, name)
+        assert x.max() == 1 and x.min() == -1, name
+        assert torch.allclose(x[:, 0, 1], pm1(128)), name
+        assert len(x[0].unique()) > 50, name  # the ramp survives: not clipped at 255
+    assert torch.allclose(by_name(ds, 'f.tif'), pm1(128))
+    assert torch.allclose(by_name(ds, 'cmyk.tif')[:, 0, 0], torch.tensor([1., -1., -1.]))
+    assert torch.allclose(by_name(ds, 'la.png'), pm1(100))  # opaque grey
+    p = by_name(ds, 'p.png')  # blue stays blue, transparent becomes white
+    assert torch.allclose(p[:, 0, 0], torch.tensor([-1., -1., 1.]))
+    assert torch.all(p[:, :, 4:] == 1)
+    x = by_name(ds, 'rgba.png')
+    assert torch.allclose(x[:, 0, 0], pm1([10, 200, 30]))
+    assert torch.all(x[:, :, 4:] == 1)
+
+
+# --- bad files: skipped at scan time or at load time, counted exactly, never fatal ---
+
+def make_messy_folder(root):
+    """3 good images, 3 corrupt ones (non-adjacent, one last), 2 skipped at scan time."""
+    root.mkdir(exist_ok=True)
+    good = {'a0.png': (255, 0, 0), 'a2.png': (0, 255, 0), 'a4.png': (0, 0, 255)}
+    for name, color in good.items():
+        solid(color).save(root / name)
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8))
+    noise.save(root / 'a1.png')
+    raw = (root / 'a1.png').read_bytes()
+    (root / 'a1.png').write_bytes(raw[:len(raw) // 2])  # truncated PNG
+    (root / 'a3.jpg').write_bytes(np.random.default_rng(1).bytes(500))  # not an image at all
+    (root / 'z9.jpg').write_bytes(b'\xff\xd8\xff' + bytes(100))  # broken JPEG, wraps to a0
+    (root / 'empty.jpg').write_bytes(b'')
+    (root / 'notes.txt').write_text('hello')
+    return good
+
+
+@pytest.mark.parametrize('num_workers', [0, 2])
+def test_data_corrupt_files_never_crash_an_epoch(tmp_path, num_workers):
+    good = make_messy_folder(tmp_path / 'messy')
+    with pytest.warns(UserWarning, match='skipped 2 empty or non-image'):
+        ds = data.ImageFolder(str(tmp_path / 'messy'), 8, train=False, mid_reso=1.0)
+    assert ds.num_skipped_at_scan == 2 and len(ds) == 6
+    colors = {tuple(pm1(c).tolist()) for c in good.values()}
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=num_workers)
+    seen, n_bad = 0, 0
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        for x, y, bad in loader:
+            seen += len(x)
+            n_bad += int(bad.sum())
+            assert all(tuple(img[:, 0, 0].tolist()) in colors for img in x)
+    assert seen == len(ds) and n_bad == 3
+
+
+def test_data_bad_file_warns_once(tmp_path):
+    make_messy_folder(tmp_path / 'messy')
+    ds = folder_dataset(tmp_path / 'messy')
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        for _ in range(3):
+            assert ds[1][2] == 1  # a1.png is truncated: a2.png is returned instead
+    assert len(caught) == 1 and 'a1.png' in str(caught[0].message)
+
+
+def test_data_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match='nowhere'):
+        data.ImageFolder(str(tmp_path / 'nowhere'), 8)
+    with pytest.raises(FileNotFoundError, match='nowhere'):
+        data.build_dataset(str(tmp_path / 'nowhere'), 8, train=True)
+    (tmp_path / 'junk').mkdir()
+    (tmp_path / 'junk' / 'a.txt').write_text('x')
+    with pytest.raises(RuntimeError, match='no images found'):
+        folder_dataset(tmp_path / 'junk')
+    (tmp_path / 'bad').mkdir()
+    for i in range(3):
+        (tmp_path / 'bad' / f'{i}.png').write_bytes(b'not a png')
+    ds = folder_dataset(tmp_path / 'bad')
+    with warnings.catch_warnings(), pytest.raises(RuntimeError, match='all 3 files'):
+        warnings.simplefilter('ignore')
+        ds[0]
+
+
+# --- labels and splits ---
+
+def test_data_labels_from_class_folders(tmp_path):
+    for cls, n in (('dog', 2), ('ant', 1), ('cat', 3)):
+        (tmp_path / 'c' / cls / 'nested').mkdir(parents=True)
+        for i in range(n):
+            solid((i, 0, 0)).save(tmp_path / 'c' / cls / 'nested' / f'{i}.png')
+    (tmp_path / 'c' / '.ipynb_checkpoints').mkdir()  # hidden: not a class
+    (tmp_path / 'c' / 'cat' / '.cache').mkdir()  # hidden: not listed
+    solid((0, 0, 0)).save(tmp_path / 'c' / 'cat' / '.cache' / 'thumb.png')
+    ds = folder_dataset(tmp_path / 'c')
+    assert ds.class_names == ['ant', 'cat', 'dog'] and ds.num_classes == 3
+    assert [label for _, label in ds.samples] == [0, 1, 1, 1, 2, 2]
+    assert [ds[i][1] for i in range(len(ds))] == [0, 1, 1, 1, 2, 2]
+    (tmp_path / 'flat').mkdir()
+    for i in range(4):
+        solid((i, 0, 0)).save(tmp_path / 'flat' / f'{i}.jpg')
+    flat = folder_dataset(tmp_path / 'flat')
+    assert flat.num_classes == 1 and flat.class_names == ['unlabeled']
+    assert len(flat) == 4 and {flat[i][1] for i in range(4)} == {0}
+
+
+def test_data_build_dataset_splits(tmp_path):
+    for split in ('train', 'val'):
+        for cls in ('a', 'b'):
+            (tmp_path / 'tv' / split / cls).mkdir(parents=True)
+            solid((0, 0, 0)).save(tmp_path / 'tv' / split / cls / f'{split}.png')
+    for train in (True, False):
+        ds = data.build_dataset(str(tmp_path / 'tv'), 8, train=train)
+        assert ds.class_names == ['a', 'b'] and ds.train == train
+        assert all(os.sep + ('train' if train else 'val') + os.sep in p for p, _ in ds.samples)
+    os.rename(tmp_path / 'tv' / 'val' / 'b', tmp_path / 'tv' / 'val' / 'c')
+    with pytest.raises(ValueError, match='same class folders'):
+        data.build_dataset(str(tmp_path / 'tv'), 8, train=False)
+    (tmp_path / 'flat').mkdir()
+    for i in range(60):
+        solid((i, 0, 0)).save(tmp_path / 'flat' / f'{i:02d}.png')
+    tr = {p for p, _ in data.build_dataset(str(tmp_path / 'flat'), 8, train=True).samples}
+    va = {p for p, _ in data.build_dataset(str(tmp_path / 'flat'), 8, train=False).samples}
+    assert len(va) == 2 and len(tr) == 58 and not tr & va  # 2% held out, never trained on
+    assert len(data.build_dataset(str(tmp_path / 'flat'), 8, train=True, size=10)) == 10
+    b_tr, b_va = data.build_dataset('builtin', 16, True), data.build_dataset('builtin', 16, False)
+    assert (len(b_tr), len(b_va)) == (10000, 1000) and not torch.equal(b_tr[0][0], b_va[0][0])
+
+
+# --- VAR's transform: shorter side -> mid_reso * resolution, then crop ---
+
+def test_data_resize_then_crop(tmp_path):
+    torch.manual_seed(0)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 50, 3), np.uint8))
+    img.save(tmp_path / 'wide.png')
+    val = data.ImageFolder(str(tmp_path), 32, train=False, hflip=True)  # no flip in eval
+    assert val.mid_size == 36  # round(1.125 * 32)
+    x = val[0][0]
+    assert x.shape == (3, 32, 32) and torch.equal(x, val[0][0])  # eval is deterministic
+    ref = img.resize((60, 36), Image.LANCZOS).crop((14, 2, 46, 34))  # torchvision's numbers
+    assert np.array_equal(data.to_uint8(x[None])[0], np.asarray(ref))
+    train = data.ImageFolder(str(tmp_path), 32, train=True, hflip=True)
+    draws = []
+    for seed in range(6):
+        torch.manual_seed(seed)
+        a = train[0][0]
+        torch.manual_seed(seed)
+        assert torch.equal(a, train[0][0])  # reproducible under torch.manual_seed
+        draws.append(a)
+    assert any(not torch.equal(draws[0], d) for d in draws[1:])  # but random across seeds
+
+
+# --- the built-in procedural dataset ---
+
+def test_data_procedural_deterministic_and_shaped():
+    ds, again = data.ProceduralDataset(100, 32), data.ProceduralDataset(100, 32)
+    x, y, n_bad = ds[7]
+    assert torch.equal(x, ds[7][0]) and torch.equal(x, again[7][0]) and n_bad == 0
+    assert not torch.equal(x, ds[17][0]) and ds[17][1] == y  # same class, another sample
+    assert not torch.equal(x, data.ProceduralDataset(100, 32, seed=1)[7][0])
+    for res in (16, 32, 64):
+        x = data.ProceduralDataset(10, res)[3][0]
+        assert x.shape == (3, res, res) and x.dtype == torch.float32
+        assert x.min() >= -1 and x.max() <= 1 and x.std() > 0.2
+    big = data.ProceduralDataset(100, 16, num_classes=40)
+    assert len(set(big.class_names)) == 40 and big[39][1] == 39
+
+
+def test_data_procedural_classes_are_distinguishable():
+    """Nearest class mean on 4x4 thumbnails: the coarse scale alone identifies the class."""
+    def features(seed):
+        ds = data.ProceduralDataset(200, 32, seed=seed)
+        x, y, _ = next(iter(torch.utils.data.DataLoader(ds, batch_size=200)))
+        return x, torch.nn.functional.avg_pool2d(x, 8).flatten(1), y  # (200, 48)
+    x, f_train, y_train = features(0)
+    _, f_test, y_test = features(1)
+    assert torch.equal(torch.bincount(y_train), torch.full((10,), 20))  # balanced
+    means = torch.stack([f_train[y_train == c].mean(0) for c in range(10)])  # (10, 48)
+    acc = (torch.cdist(f_test, means).argmin(1) == y_test).float().mean().item()
+    assert acc > 0.9, acc  # chance is 0.1; measured 1.0
+    # the fine scale carries energy: what a 2x average-pool-and-upsample removes
+    blur = torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(x, 2), scale_factor=2)
+    assert ((x - blur) ** 2).mean() / x.var() > 0.02
+
+
+# --- saving ---
+
+def test_data_save_image_grid_round_trip(tmp_path):
+    u8 = torch.randint(0, 256, (10, 32, 32, 3), dtype=torch.uint8)
+    x = u8.permute(0, 3, 1, 2).float() / 255 * 2 - 1  # (10, 3, 32, 32), as the loader makes
+    assert np.array_equal(data.to_uint8(x), u8.numpy())  # exact inverse of x/255*2-1
+    out_of_range = torch.tensor([-3.0, 0.0, 7.0]).view(1, 3, 1, 1)
+    assert data.to_uint8(out_of_range).tolist() == [[[[0, 128, 255]]]]  # clamped, rounded
+    path = tmp_path / 'sub' / 'grid.png'
+    data.save_image_grid(x, str(path), nrow=5, padding=2)
+    grid = np.asarray(Image.open(path))
+    assert grid.shape == (2 * 34 + 2, 5 * 34 + 2, 3)
+    assert np.array_equal(grid[36:68, 104:136], u8[8].numpy())  # row 1, column 3
+    assert grid[:2].max() == 0 and grid[:, 34:36].max() == 0  # black padding
+    assert os.listdir(path.parent) == ['grid.png']  # no temporary file left behind
+
+
+# --- vqvae.py --------------------------------------------------------------------------------
+
+def tiny_vqvae(**kw):
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2), num_res_blocks=1,
+               patch_nums=(1, 2, 3, 4, 6, 8), using_sa=True)
+    return vqvae.VQVAE(**{**cfg, **kw}).eval()
+
+
+def images(b=4, res=16, seed=0):
+    return torch.rand(b, 3, res, res, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_vqvae_official_key_structure():
+    """VQVAE() has exactly the keys and shapes of vae_ch160v4096z32.pth (324 tensors, 108.9M)."""
+    with torch.device('meta'):
+        model = vqvae.VQVAE()
+    listing = [(k, str(tuple(v.shape))) for k, v in model.state_dict().items()]
+    ref_file = os.path.join(REFERENCE, 'var_vae_keys.txt')
+    if os.path.exists(ref_file):   # the full list, when shared/ is beside the repo
+        ref = [tuple(line.split('\t')[:2]) for line in open(ref_file) if not line.startswith('#')]
+        assert sorted(listing) == sorted(ref)
+    digest = hashlib.sha256('\n'.join(f'{k} {s}' for k, s in listing).encode()).hexdigest()
+    assert digest == 'e9fa04ab7ec229689594422d705ea40a71926f493fa8f168b4f964d53a25eebc'
+    assert sum(p.numel() for p in model.parameters()) == 108_948_355
+
+
+def test_vqvae_phi_sharing_matches_official_ticks():
+    """4 shared phi over 10 scales: scale k uses phi argmin|tick - k/9| = 0,0,1,1,1,2,2,3,3,3."""
+    with torch.device('meta'):
+        q = vqvae.VQVAE().quantize
+    assert q.phi_index == [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]
+    assert tiny_vqvae(share_quant_resi=0).quantize.phi_index == list(range(6))  # one per scale
+    assert tiny_vqvae(share_quant_resi=1).quantize.phi_index == [0] * 6
+
+
+def test_vqvae_nearest_code_is_brute_force_argmin():
+    q = tiny_vqvae().quantize
+    z = torch.randn(2, 8, 3, 3)
+    brute = torch.cdist(z.permute(0, 2, 3, 1).reshape(-1, 8), q.embedding.weight).argmin(1)
+    assert torch.equal(q.nearest_code(z).flatten(), brute)
+
+
+def test_vqvae_idx_to_img_equals_encode_path():
+    """Alg. 2 on the tokens of Alg. 1 gives back Alg. 1's f_hat, hence the same image."""
+    model, x = tiny_vqvae(), images()
+    with torch.no_grad():
+        f_hat_ste, _, idx_fwd = model.quantize(model.encode(x))
+        idx = model.img_to_idx(x)
+        assert all(torch.equal(a, b) for a, b in zip(idx, idx_fwd))
+        f_hat = model.quantize.idx_to_fhat(idx, 8)
+        torch.testing.assert_close(f_hat, f_hat_ste, atol=1e-5, rtol=0)
+        torch.testing.assert_close(model.idx_to_img(idx), model.fhat_to_img(f_hat))
+    assert [t.shape for t in idx] == [(4, pn * pn) for pn in (1, 2, 3, 4, 6, 8)]
+
+
+def test_vqvae_error_falls_as_scales_are_added():
+    """With phi = identity and a dense codebook, ||f - f_hat_k|| falls with every scale k."""
+    model = tiny_vqvae(z_channels=2, vocab_size=1024, quant_resi=0.0)
+    with torch.no_grad():
+        f = model.encode(images())
+        grid = torch.linspace(-f.abs().max().item(), f.abs().max().item(), 32)
+        model.quantize.embedding.weight.copy_(torch.cartesian_prod(grid, grid))
+        f_hat, errors = 0.0, []
+        for _, _, h in model.quantize.residual_steps(f):
+            f_hat = f_hat + h
+            errors.append((f - f_hat).square().mean().item())
+    assert all(b < a for a, b in zip(errors, errors[1:])), errors
+    assert errors[-1] < 0.01 * f.square().mean().item()
+
+
+def test_vqvae_straight_through_and_commitment_gradients():
+    """d f_hat_ste / d f = identity; d vq_loss / d f = 2 beta / K sum_k (f - f_hat_k) / numel."""
+    q = tiny_vqvae().quantize
+    f = torch.randn(2, 8, 8, 8, requires_grad=True)
+    g = torch.randn_like(f)
+    f_hat, vq_loss, idx = q(f)
+    (f_hat * g).sum().backward()
+    torch.testing.assert_close(f.grad, g)
+    f.grad = None
+    q.zero_grad()
+    q(f)[1].backward()
+    with torch.no_grad():
+        f_hats = torch.stack([q.idx_to_fhat(idx[:k + 1], 8) for k in range(6)])
+        expected = 2 * q.beta / 6 * (f - f_hats).sum(0) / f.numel()
+    torch.testing.assert_close(f.grad, expected, atol=1e-7, rtol=1e-4)
+    assert q.embedding.weight.grad.abs().sum() > 0          # the codebook term trains E
+    unused = torch.ones(64, dtype=torch.bool)
+    unused[torch.cat(idx, 1).unique()] = False
+    assert q.embedding.weight.grad[unused].abs().sum() == 0  # only picked codes move
+
+
+def test_vqvae_teacher_forcing_input_is_downsampled_partial_fhat():
+    """Input for scale k+1 = area_down(f_hat_k, pn_{k+1}), f_hat_k = sum of scales <= k; and the
+    inference step next_var_input reproduces it scale by scale."""
+    model = tiny_vqvae()
+    idx = model.img_to_idx(images())
+    x = model.idx_to_var_input(idx)
+    pns = model.config.patch_nums
+    assert x.shape == (4, sum(p * p for p in pns) - 1, 8)
+    start, f_hat = 0, torch.zeros(4, 8, 8, 8)
+    for k, pn_next in enumerate(pns[1:]):
+        partial = model.quantize.idx_to_fhat(idx[:k + 1], 8)
+        expected = F.interpolate(partial, size=(pn_next, pn_next), mode='area')
+        got = x[:, start:start + pn_next ** 2].transpose(1, 2).reshape(4, 8, pn_next, pn_next)
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+        f_hat, nxt = model.quantize.next_var_input(k, f_hat, idx[k].view(4, pns[k], pns[k]))
+        torch.testing.assert_close(nxt, expected, atol=1e-6, rtol=1e-5)
+        start += pn_next ** 2
+    f_hat, _ = model.quantize.next_var_input(len(pns) - 1, f_hat, idx[-1].view(4, 8, 8))
+    torch.testing.assert_close(f_hat, model.quantize.idx_to_fhat(idx, 8), atol=1e-6, rtol=1e-5)
+
+
+def test_vqvae_single_scale_is_a_plain_vqvae():
+    model = tiny_vqvae(patch_nums=(8,))
+    idx = model.img_to_idx(images())
+    assert len(idx) == 1 and idx[0].shape == (4, 64)
+    assert model.idx_to_var_input(idx).shape == (4, 0, 8)
+    assert model.idx_to_img(idx).shape == (4, 3, 16, 16)
+
+
+def test_vqvae_wrong_latent_size_is_named():
+    with pytest.raises(ValueError, match='patch_nums must end at the latent size'):
+        tiny_vqvae().img_to_idx(images(res=32))
+
+
+def test_vqvae_usage_ema_and_dead_code_reseeding():
+    """Hits are recorded in training only; codes unused at every scale get a live residual."""
+    model, x = tiny_vqvae(), images(8)
+    model(x)                                                    # eval: nothing recorded
+    assert model.quantize.ema_vocab_hit_SV.sum() == 0
+    model.train()
+    _, _, idx = model(x)
+    hits = model.quantize.ema_vocab_hit_SV
+    assert torch.equal(hits[0], torch.bincount(idx[0].flatten(), minlength=64).float())
+    usage = model.quantize.usage()
+    assert usage[0] == 100 * (idx[0].unique().numel()) / 64
+    used_any = (hits > 0).any(0)
+    before = model.quantize.embedding.weight.detach().clone()
+    with torch.no_grad():
+        f = model.encode(x)
+        pool = torch.cat([z.permute(0, 2, 3, 1).reshape(-1, 8)
+                          for z, _, _ in model.quantize.residual_steps(f)])
+        n = model.quantize.reseed_dead_codes(f)
+    after = model.quantize.embedding.weight.detach()
+    assert n == int((~used_any).sum()) > 0
+    assert torch.equal(after[used_any], before[used_any])       # live codes untouched
+    for row in after[~used_any]:                               # each dead code = a residual
+        assert (pool - row).abs().amax(1).min() < 1e-6
+    assert (model.quantize.usage() > usage).all() or n == 0
+
+
+def test_vqvae_checkpoint_errors_name_the_problem(tmp_path):
+    var_like = {'blocks.0.attn.mat_qkv.weight': torch.zeros(3, 3)}
+    torch.save(var_like, tmp_path / 'var.pth')
+    with pytest.raises(ValueError, match='VAR transformer'):
+        vqvae.VQVAE.from_checkpoint(tmp_path / 'var.pth')
+    torch.save(tiny_vqvae().state_dict(), tmp_path / 'small.pth')   # bare dict = official config
+    with pytest.raises(RuntimeError, match='size mismatch for encoder.conv_in.weight'):
+        vqvae.VQVAE.from_checkpoint(tmp_path / 'small.pth')
+    torch.save(dict(kind='var', config={}, model={}), tmp_path / 'other.pt')
+    with pytest.raises(ValueError, match="'var' checkpoint, not a vqvae"):
+        vqvae.VQVAE.from_checkpoint(tmp_path / 'other.pt')
+
+
+def test_vqvae_checkpoint_round_trip_gives_identical_tokens(tmp_path):
+    model = tiny_vqvae()
+    train.save_checkpoint(str(tmp_path / 'ckpt.pt'), dict(
+        kind='vqvae', config=vqvae.asdict(model.config), model=model.state_dict(), ema=None))
+    loaded = vqvae.VQVAE.from_checkpoint(tmp_path / 'ckpt.pt').eval()
+    x = images()
+    assert all(torch.equal(a, b) for a, b in zip(model.img_to_idx(x), loaded.img_to_idx(x)))
+
+
+def test_hinge_and_adaptive_gan_weight_formulas():
+    real, fake = torch.tensor([2.0, 0.5]), torch.tensor([-3.0, 0.25])
+    # 1/2 (mean(relu(1 - real)) + mean(relu(1 + fake))) = 1/2 (0.25 + 0.625)
+    assert vqvae.hinge_d_loss(real, fake).item() == pytest.approx(0.4375)
+    w = torch.tensor([1.0, 2.0], requires_grad=True)
+    rec, g = (3 * w).sum(), (w * w).sum()   # grads (3, 3) and (2, 4)
+    expected = np.hypot(3, 3) / (np.hypot(2, 4) + 1e-4)
+    assert vqvae.adaptive_gan_weight(rec, g, w).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_patch_discriminator_gives_patch_logits():
+    d = vqvae.PatchDiscriminator(ch=8, n_layers=2)
+    out = d(images(2, 32))
+    assert out.shape == (2, 1, 6, 6)   # 32 -> 16 -> 8 (stride 2) -> 7 -> 6 (4x4, stride 1)
+
+
+def test_lpips_loads_official_layout_and_is_a_distance(tmp_path):
+    torch.manual_seed(0)
+    net = vqvae.LPIPS()
+    vgg = {f'features.{k}': torch.randn_like(v) * 0.05 for k, v in net.features.state_dict().items()}
+    vgg['classifier.0.weight'] = torch.zeros(1)            # torchvision's file has more: ignored
+    lin = {f'lin{i}.model.1.weight': torch.rand_like(p) for i, p in enumerate(net.lins)}
+    torch.save(vgg, tmp_path / 'vgg16.pth')
+    torch.save(lin, tmp_path / 'lin.pth')
+    net.load(tmp_path / 'vgg16.pth', tmp_path / 'lin.pth')
+    assert torch.equal(net.features[28].weight, vgg['features.28.weight'])
+    assert torch.equal(net.lins[4], lin['lin4.model.1.weight'])
+    x, y = images(2, 32, seed=1), images(2, 32, seed=2)
+    assert torch.allclose(net(x, x), torch.zeros(2), atol=1e-6)
+    assert (net(x, y) > 0).all()
+    torch.testing.assert_close(net(x, y), net(y, x))
+
+
+# --- train.py --------------------------------------------------------------------------------
+
+def tiny_run(out_dir, *extra):
+    """Argument list of a seconds-long tokenizer run on 16 px built-in images."""
+    return ['--out_dir', str(out_dir), '--resolution', '16', '--vocab_size', '64',
+            '--max_iters', '6', '--batch_size', '4', '--total_batch_size', '8',
+            '--warmup_iters', '2', '--log_every', '2', '--eval_every', '3', '--eval_images', '8',
+            '--sample_every', '3', '--save_every', '100', '--reseed_every', '2',
+            '--device', 'cpu', *extra]
+
+
+def test_train_lr_schedule_warmup_then_decay():
+    args = train.get_args(['--lr', '1e-3', '--warmup_iters', '10', '--max_iters', '110',
+                           '--min_lr_ratio', '0.1'])
+    assert train.lr_at(0, args) == pytest.approx(1e-4)         # (step + 1) / warmup * lr
+    assert train.lr_at(9, args) == pytest.approx(1e-3)
+    assert train.lr_at(60, args) == pytest.approx(1e-4 + 0.9e-3 * 0.5)   # cosine midpoint
+    assert train.lr_at(110, args) == pytest.approx(1e-4)
+
+
+def test_train_sampler_shards_cover_the_epoch_and_resume_mid_way():
+    shards = [train.ShardedSampler(10, r, 2, seed=0, epoch=3).indices for r in range(2)]
+    assert sorted(shards[0] + shards[1]) == list(range(10))
+    assert train.ShardedSampler(10, 1, 2, seed=0, epoch=3, start=2).indices == shards[1][2:]
+    assert shards[0] != train.ShardedSampler(10, 0, 2, seed=0, epoch=4).indices
+
+
+def test_train_resume_is_exact_and_checkpoint_is_plain(tmp_path):
+    """6 steps in one go == 3 steps, stop, then the same command again (accumulation 2,
+    codebook re-seeding and validation on the way)."""
+    whole = train.main(train.get_args(tiny_run(tmp_path / 'a')))
+    split = tiny_run(tmp_path / 'b', '--stop_after', '3')
+    train.main(train.get_args(split))
+    ckpt = torch.load(tmp_path / 'b' / 'ckpt.pt', weights_only=True)
+    assert ckpt['step'] == 3 and ckpt['kind'] == 'vqvae' and ckpt['data_cursor'] == [0, 6]
+    resumed = train.main(train.get_args(split))
+    for (k, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+    log = open(tmp_path / 'b' / 'log.txt').read()
+    assert 'step 6 ' in log and 'eval 6 ' in log and (tmp_path / 'b' / 'recon_000006.png').exists()
+    model = vqvae.VQVAE.from_checkpoint(tmp_path / 'b' / 'ckpt.pt')
+    assert torch.equal(model.quantize.embedding.weight, resumed.quantize.embedding.weight)
+
+
+def test_train_skips_unreadable_images_without_crashing(tmp_path):
+    rng = np.random.default_rng(0)
+    for c in ('cat', 'dog'):
+        os.makedirs(tmp_path / 'img' / c)
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(
+                tmp_path / 'img' / c / f'{i}.png')
+    good = open(tmp_path / 'img' / 'cat' / '3.png', 'rb').read()
+    open(tmp_path / 'img' / 'cat' / '3.png', 'wb').write(good[:len(good) // 2])   # truncated
+    open(tmp_path / 'img' / 'dog' / 'empty.jpg', 'wb').close()
+    train.main(train.get_args(tiny_run(tmp_path / 'out', '--data', str(tmp_path / 'img'),
+                                       '--total_batch_size', '4', '--num_workers', '0')))
+    ckpt = torch.load(tmp_path / 'out' / 'ckpt.pt', weights_only=True)
+    assert ckpt['step'] == 6 and ckpt['skipped_files'] >= 1
+    assert ckpt['class_names'] == ['cat', 'dog']
+    assert 'skipped_files' in open(tmp_path / 'out' / 'log.txt').read()
+
+
+DDP_WORKER = """
+import os, sys, torch
+sys.path.insert(0, {repo!r})
+import train
+model = train.main(train.get_args({argv!r}))
+torch.save(model.state_dict(), os.path.join({out!r}, 'rank%s.pt' % os.environ['RANK']))
+"""
+
+
+def test_train_ddp_two_processes_match_each_other_and_accumulation(tmp_path):
+    """torchrun, 2 gloo ranks x 4 images == 1 process x 4 images x 2 accumulation steps:
+    the same 8 images per step, so the same weights; and both ranks end identical."""
+    argv = tiny_run(tmp_path / 'ddp', '--reseed_every', '0', '--ch', '64')
+    script = tmp_path / 'worker.py'
+    script.write_text(DDP_WORKER.format(repo=REPO, argv=argv, out=str(tmp_path)))
+    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')}
+    subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                    '--nproc_per_node', '2', str(script)], check=True, env=env, timeout=300,
+                   cwd=tmp_path)
+    rank0 = torch.load(tmp_path / 'rank0.pt', weights_only=True)
+    rank1 = torch.load(tmp_path / 'rank1.pt', weights_only=True)
+    single = train.main(train.get_args(tiny_run(tmp_path / 'one', '--reseed_every', '0',
+                                                '--ch', '64')))
+    for k, v in single.state_dict().items():
+        assert torch.equal(rank0[k], rank1[k]), k
+        if k != 'quantize.ema_vocab_hit_SV':   # statistics of rank 0's half of the batch
+            # fp32 summation order differs; Adam turns that into ~1e-5 (lr is 3e-4)
+            torch.testing.assert_close(rank0[k], v, atol=1e-4, rtol=0, msg=k)

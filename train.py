@@ -1,0 +1,457 @@
+"""
+One trainer for every model of the repo. Today: `--model vqvae`, the multi-scale VQVAE of VAR
+(vqvae.py), a tokenizer the official VAR code never released the training of.
+
+    python train.py --model vqvae                         # laptop / CPU: built-in data, 32 px
+    python train.py --model vqvae --data ~/imagenet --resolution 256     # one GPU, VAR's config
+    torchrun --standalone --nproc_per_node=8 train.py --model vqvae --data ~/imagenet \
+        --resolution 256 --total_batch_size 256            # 8 GPUs (2 nodes: add --nnodes 2
+        --node_rank 0/1 --master_addr HOST --master_port 29500; no InfiniBand: NCCL_IB_DISABLE=1)
+    torchrun --nproc_per_node=2 train.py --model vqvae --device cpu      # DDP on CPU (gloo)
+
+Rerunning the same command resumes from `<out_dir>/ckpt.pt` (`--resume never` starts over).
+`--total_batch_size` images make one optimizer step whatever the number of GPUs: gradient
+accumulation is derived from it and `--batch_size`, the per-GPU micro-batch (lower that on OOM).
+The random state is a pure function of (seed, rank, step) and the data order of (seed, epoch),
+so an interrupted and resumed run ends with the same weights as an uninterrupted one (CPU;
+with image folders also `--num_workers 0`, as worker processes draw their own crops).
+"""
+import argparse
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import data
+import vqvae
+
+# Architecture presets; any flag given on the command line overrides its preset value.
+VQVAE_PRESETS = {
+    'tiny': dict(vocab_size=512, z_channels=16, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1),
+    'var': dict(vocab_size=4096, z_channels=32, ch=160, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2),
+}
+# Per-model defaults of flags left unset.
+MODEL_DEFAULTS = {'vqvae': dict(lr=3e-4, weight_decay=0.0, beta1=0.5, beta2=0.9)}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    g = p.add_argument_group('model')
+    g.add_argument('--model', choices=['vqvae'], default='vqvae', help='what to train')
+    g.add_argument('--vae_preset', choices=list(VQVAE_PRESETS), default=None,
+                   help="tokenizer size: 'tiny' (default up to 64 px) or 'var' = the released "
+                        "vae_ch160v4096z32 (default above 64 px)")
+    g.add_argument('--vocab_size', type=int, help='codebook size V')
+    g.add_argument('--z_channels', type=int, help='latent channels C')
+    g.add_argument('--ch', type=int, help='base conv width (multiple of 32)')
+    g.add_argument('--ch_mult', type=_ints, help='width multipliers, e.g. 1,2,2 (downsample 4)')
+    g.add_argument('--num_res_blocks', type=int, help='residual blocks per resolution')
+    g.add_argument('--patch_nums', type=_ints,
+                   help='token map sides, ending at the latent size (default: by latent size)')
+    g.add_argument('--beta', type=float, default=0.25, help='commitment weight (VAR Eq. 5)')
+    g = p.add_argument_group('tokenizer losses')
+    g.add_argument('--l1', type=float, default=1.0, help='weight of the L1 reconstruction loss')
+    g.add_argument('--l2', type=float, default=1.0, help='weight of the L2 reconstruction loss')
+    g.add_argument('--lpips_vgg', default='', help='torchvision vgg16 weights: enables LPIPS')
+    g.add_argument('--lpips_lin', default='', help="LPIPS' vgg.pth linear-layer weights")
+    g.add_argument('--lpips_weight', type=float, default=1.0, help='weight of LPIPS')
+    g.add_argument('--disc_weight', type=float, default=0.0,
+                   help='PatchGAN hinge loss weight (VQGAN uses 0.8); 0 = no discriminator')
+    g.add_argument('--disc_start', type=int, default=0, help='step the GAN loss starts at')
+    g.add_argument('--reseed_every', type=int, default=100,
+                   help='re-seed unused codes from live features every N steps (0 = never)')
+    g = p.add_argument_group('data')
+    g.add_argument('--data', default='builtin', help="'builtin' (offline procedural set) or an "
+                   'image folder (class sub-folders, or train/ and val/)')
+    g.add_argument('--resolution', type=int, default=32, help='image side in pixels')
+    g.add_argument('--hflip', action=argparse.BooleanOptionalAction, default=False,
+                   help='random horizontal flips')
+    g.add_argument('--num_workers', type=int, default=-1,
+                   help='data loader processes per GPU (-1: 0 for builtin, else min(8, cores))')
+    g = p.add_argument_group('optimisation')
+    g.add_argument('--max_iters', type=int, default=1500, help='optimizer steps in all')
+    g.add_argument('--total_batch_size', type=int, default=32, help='images per optimizer step')
+    g.add_argument('--batch_size', type=int, default=32, help='micro-batch per GPU')
+    g.add_argument('--lr', type=float, help='peak learning rate (AdamW)')
+    g.add_argument('--weight_decay', type=float, help='decoupled weight decay of matrices')
+    g.add_argument('--beta1', type=float, help='AdamW beta1')
+    g.add_argument('--beta2', type=float, help='AdamW beta2')
+    g.add_argument('--warmup_iters', type=int, default=100, help='linear warmup steps')
+    g.add_argument('--lr_schedule', choices=['cosine', 'linear', 'constant'], default='cosine',
+                   help='decay after warmup')
+    g.add_argument('--min_lr_ratio', type=float, default=0.1, help='final lr / peak lr')
+    g.add_argument('--grad_clip', type=float, default=2.0, help='max grad norm (0 = off)')
+    g.add_argument('--ema', type=float, default=0.0, help='EMA decay of weights (0 = off)')
+    g = p.add_argument_group('system')
+    g.add_argument('--device', default='', help='cuda, mps or cpu (default: best available)')
+    g.add_argument('--dtype', choices=['float32', 'bfloat16', 'float16'], default=None,
+                   help='autocast dtype (default: bfloat16 on CUDA, float32 elsewhere)')
+    g.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None,
+                   help='torch.compile the model (default: on with CUDA)')
+    g.add_argument('--seed', type=int, default=0, help='seed of init, data order and sampling')
+    g = p.add_argument_group('output')
+    g.add_argument('--out_dir', default='out/vqvae', help='checkpoint, log and images go here')
+    g.add_argument('--resume', choices=['auto', 'never'], default='auto',
+                   help='auto: continue from <out_dir>/ckpt.pt when it exists')
+    g.add_argument('--log_every', type=int, default=50, help='steps between log lines')
+    g.add_argument('--eval_every', type=int, default=500, help='steps between validations')
+    g.add_argument('--eval_images', type=int, default=1000, help='validation images (at most)')
+    g.add_argument('--sample_every', type=int, default=500, help='steps between PNG grids')
+    g.add_argument('--save_every', type=int, default=500, help='steps between checkpoints')
+    g.add_argument('--stop_after', type=int, default=0,
+                   help='exit after this many steps in this run (checkpointed; rerun resumes)')
+    args = p.parse_args(argv)
+    for k, v in MODEL_DEFAULTS[args.model].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
+
+
+def _ints(s):
+    return tuple(int(v) for v in s.split(','))
+
+
+# ----------------------------------------------------------------------------------------------
+# Device, distributed setup, data order
+
+def setup(args):
+    """Device autodetection (cuda > mps > cpu) and torchrun DDP: NCCL on GPU, gloo on CPU."""
+    device = args.device or ('cuda' if torch.cuda.is_available() else
+                             'mps' if torch.backends.mps.is_available() else 'cpu')
+    ddp = 'RANK' in os.environ
+    rank, world = (int(os.environ['RANK']), int(os.environ['WORLD_SIZE'])) if ddp else (0, 1)
+    if ddp:
+        if torch.device(device).type == 'cuda':
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(device)
+        dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
+    device_type = torch.device(device).type
+    if args.dtype is None:
+        args.dtype = 'bfloat16' if device_type == 'cuda' else 'float32'
+    if args.compile is None:
+        args.compile = device_type == 'cuda'
+    if device_type == 'cuda':   # TF32 matmuls: faster, not bit-reproducible across GPUs
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return device, rank, world
+
+
+class ShardedSampler(torch.utils.data.Sampler):
+    """This rank's share of a permutation fixed by (seed, epoch), from position `start` on:
+    resuming mid-epoch continues exactly where the interrupted run was."""
+
+    def __init__(self, n, rank, world, seed, epoch, start=0, shuffle=True):
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(n, generator=g) if shuffle else torch.arange(n)
+        self.indices = order[rank::world][start:].tolist()
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+def train_batches(dataset, args, rank, world, epoch, batch_in_epoch, pin):
+    """Endless micro-batches with their data cursor (epoch, batches done in that epoch)."""
+    while True:
+        sampler = ShardedSampler(len(dataset), rank, world, args.seed, epoch,
+                                 batch_in_epoch * args.batch_size)
+        loader = torch.utils.data.DataLoader(dataset, args.batch_size, sampler=sampler,
+                                             num_workers=args.num_workers, drop_last=True,
+                                             pin_memory=pin)
+        for batch in loader:
+            batch_in_epoch += 1
+            yield (epoch, batch_in_epoch), batch
+        epoch, batch_in_epoch = epoch + 1, 0
+
+
+def lr_at(step, args):
+    """Linear warmup to --lr, then cosine / linear decay to --lr * --min_lr_ratio."""
+    if step < args.warmup_iters:
+        return args.lr * (step + 1) / args.warmup_iters
+    p = (step - args.warmup_iters) / max(1, args.max_iters - args.warmup_iters)
+    decay = {'cosine': 0.5 * (1 + math.cos(math.pi * p)), 'linear': 1 - p, 'constant': 1}
+    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * decay[args.lr_schedule])
+
+
+def make_optimizer(model, args):
+    """AdamW; no weight decay on vectors (norms, biases) and the codebook."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or 'embedding' in name else decay).append(p)
+    groups = [dict(params=decay, weight_decay=args.weight_decay),
+              dict(params=no_decay, weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2))
+
+
+# ----------------------------------------------------------------------------------------------
+# The VQVAE task: config, loss, validation, picture
+
+PATCH_NUMS = {4: (1, 2, 3, 4), 8: (1, 2, 3, 4, 6, 8), 16: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
+              32: (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)}   # 16 and 32: VAR's 256 px and 512 px
+
+
+def vqvae_config(args):
+    """The preset for the resolution, overridden by any architecture flag that was given."""
+    preset = args.vae_preset or ('tiny' if args.resolution <= 64 else 'var')
+    cfg = dict(VQVAE_PRESETS[preset], beta=args.beta)
+    for k in ('vocab_size', 'z_channels', 'ch', 'ch_mult', 'num_res_blocks', 'patch_nums'):
+        if getattr(args, k) is not None:
+            cfg[k] = getattr(args, k)
+    latent, rem = divmod(args.resolution, 2 ** (len(cfg['ch_mult']) - 1))
+    if rem or ('patch_nums' not in cfg and latent not in PATCH_NUMS):
+        raise SystemExit(f'resolution {args.resolution} gives no standard latent size with '
+                         f"ch_mult {cfg['ch_mult']}: pass --patch_nums ending at the latent side")
+    cfg.setdefault('patch_nums', PATCH_NUMS.get(latent))
+    return cfg
+
+
+def vqvae_loss(model, raw, img, step, args, disc, lpips):
+    """Generator loss: l1 |x - x_hat| + l2 (x - x_hat)^2 + vq (Eq. 5) [+ LPIPS] [+ adaptive
+    weight * hinge generator loss -D(x_hat)]. Returns the loss, its parts and x_hat."""
+    rec, vq_loss, _ = model(img)
+    l1, l2 = (rec - img).abs().mean(), F.mse_loss(rec, img)
+    rec_loss = args.l1 * l1 + args.l2 * l2
+    parts = dict(l1=l1.detach(), l2=l2.detach(), vq=vq_loss.detach())
+    if lpips is not None:
+        perceptual = lpips(rec.float(), img.float()).mean()
+        rec_loss = rec_loss + args.lpips_weight * perceptual
+        parts['lpips'] = perceptual.detach()
+    loss = rec_loss + vq_loss
+    if disc is not None and step >= args.disc_start:
+        disc.requires_grad_(False)   # important! the generator step must not train D
+        g_loss = -disc(rec).mean()
+        weight = vqvae.adaptive_gan_weight(rec_loss, g_loss, raw.decoder.conv_out.weight)
+        loss = loss + args.disc_weight * weight * g_loss
+        parts.update(g=g_loss.detach(), g_weight=weight)
+    return loss, parts, rec
+
+
+@torch.no_grad()
+def evaluate(model, val_set, args, device, rank, world, ctx):
+    """Held-out L2, PSNR (per image, on [0, 1] pixels) and the share of the codebook each
+    scale uses on these images; every rank takes a slice, results are all-reduced."""
+    model.eval()
+    n = min(len(val_set), args.eval_images)
+    subset = torch.utils.data.Subset(val_set, range(rank, n, world))
+    loader = torch.utils.data.DataLoader(subset, args.batch_size, num_workers=args.num_workers)
+    K, V = len(model.config.patch_nums), model.config.vocab_size
+    sums, hits = torch.zeros(4, device=device), torch.zeros(K, V, device=device)
+    for img, _, _ in loader:
+        img = img.to(device)
+        with ctx:
+            rec, vq_loss, idx = model(img)
+        mse = ((rec.float().clamp(-1, 1) - img) / 2).square().mean((1, 2, 3))     # (B,)
+        sums += torch.stack([mse.sum(), (-10 * mse.clamp_min(1e-10).log10()).sum(),
+                             vq_loss * len(img), torch.tensor(len(img), device=device)])
+        for k, i in enumerate(idx):
+            hits[k] += torch.bincount(i.flatten(), minlength=V)
+    if world > 1:
+        dist.all_reduce(sums)
+        dist.all_reduce(hits)
+    model.train()
+    count = sums[3].clamp_min(1)
+    return dict(l2=(sums[0] / count * 4).item(), psnr=(sums[1] / count).item(),
+                vq=(sums[2] / count).item(), codes=((hits > 0).float().mean(1) * 100).tolist())
+
+
+@torch.no_grad()
+def save_reconstructions(model, val_set, path, device, n=8):
+    """Grid: the first n held-out images on top, then their reconstruction from the first
+    1, 2, ..., K scales (coarse to fine): the multi-scale tokens, seen."""
+    model.eval()
+    img = torch.stack([val_set[i][0] for i in range(min(n, len(val_set)))]).to(device)
+    idx = model.img_to_idx(img)
+    rows = [img] + [model.idx_to_img(idx[:k]) for k in range(1, len(idx) + 1)]
+    data.save_image_grid(torch.cat(rows).float().cpu(), path, nrow=len(img))
+    model.train()
+
+
+def save_checkpoint(path, state):
+    """Atomic: a crash while writing leaves the previous checkpoint intact."""
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    torch.save(state, path + '.tmp')
+    os.replace(path + '.tmp', path)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+def main(args):
+    device, rank, world = setup(args)
+    master, device_type = rank == 0, torch.device(device).type
+    dtype = getattr(torch, args.dtype)
+    ctx = torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
+    accum, rem = divmod(args.total_batch_size, args.batch_size * world)
+    if rem or not accum:
+        raise SystemExit(f'--total_batch_size {args.total_batch_size} must be a multiple of '
+                         f'--batch_size {args.batch_size} x {world} processes')
+    if args.num_workers < 0:
+        args.num_workers = 0 if args.data == 'builtin' else min(8, (os.cpu_count() or 1) // world)
+    print0 = print if master else (lambda *a, **k: None)
+    train_set = data.build_dataset(args.data, args.resolution, True, args.hflip, args.seed)
+    val_set = data.build_dataset(args.data, args.resolution, False, seed=args.seed)
+    print0(f'data: {len(train_set)} train / {len(val_set)} val images, '
+           f'{train_set.num_classes} classes; {world} process(es) x {args.batch_size} x {accum} '
+           f'accumulation = {args.total_batch_size} images per step; device {device} {args.dtype}')
+
+    # model, optimizer, and everything a resume needs
+    ckpt_path, log_path = os.path.join(args.out_dir, 'ckpt.pt'), os.path.join(args.out_dir, 'log.txt')
+    ckpt = None
+    if args.resume == 'auto' and os.path.exists(ckpt_path):
+        ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+        print0(f'resuming from {ckpt_path} at step {ckpt["step"]}')
+    config = vqvae_config(args)
+    if ckpt is not None and ckpt['config'] != config:
+        changed = {k: v for k, v in ckpt['config'].items() if config.get(k) != v}
+        print0(f'architecture taken from the checkpoint, not the flags: {changed}')
+        config = ckpt['config']
+    torch.manual_seed(args.seed)   # same init on every rank
+    raw = vqvae.VQVAE(**config).to(device)
+    print0(f'vqvae: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters, '
+           f'{config}')
+    ema = vqvae.VQVAE(**config).to(device).requires_grad_(False) if args.ema > 0 else None
+    optimizer = make_optimizer(raw, args)
+    disc = vqvae.PatchDiscriminator().to(device) if args.disc_weight > 0 else None
+    disc_opt = make_optimizer(disc, args) if disc is not None else None
+    lpips = vqvae.LPIPS().load(args.lpips_vgg, args.lpips_lin).to(device) if args.lpips_vgg else None
+    step, cursor, skipped = 0, (0, 0), 0
+    if ckpt is not None:
+        raw.load_state_dict(ckpt['model'])
+        optimizer.load_state_dict(ckpt['optimizer'])
+        if ema is not None:
+            ema.load_state_dict(ckpt['ema'] or ckpt['model'])
+        if disc is not None and ckpt.get('disc'):
+            disc.load_state_dict(ckpt['disc'])
+            disc_opt.load_state_dict(ckpt['disc_optimizer'])
+        step, cursor, skipped = ckpt['step'], tuple(ckpt['data_cursor']), ckpt['skipped_files']
+    elif ema is not None:
+        ema.load_state_dict(raw.state_dict())
+    model = raw
+    if args.compile:
+        try:
+            model = torch.compile(raw)
+        except Exception as e:   # no triton, Windows, ...: run eagerly
+            print0(f'torch.compile unavailable ({e}); running eagerly')
+    if world > 1:
+        model = DDP(model, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda'
+                    else None)
+        disc = DDP(disc) if disc is not None else None
+    disc_raw = disc.module if isinstance(disc, DDP) else disc
+
+    def checkpoint():
+        if master:
+            save_checkpoint(ckpt_path, dict(
+                kind='vqvae', config=config, model=raw.state_dict(),
+                ema=ema.state_dict() if ema is not None else None,
+                optimizer=optimizer.state_dict(), step=step, data_cursor=list(cursor),
+                skipped_files=skipped, args=vars(args), class_names=train_set.class_names,
+                disc=disc_raw.state_dict() if disc is not None else None,
+                disc_optimizer=disc_opt.state_dict() if disc is not None else None))
+        if world > 1:
+            dist.barrier()
+
+    def log(line):
+        print0(line)
+        if master:
+            with open(log_path, 'a') as f:
+                f.write(line + '\n')
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    batches = train_batches(train_set, args, rank, world, *cursor, pin=device_type == 'cuda')
+    start = last_log = step
+    sums, t0 = {}, time.time()
+    bar = tqdm(total=args.max_iters, initial=step, disable=not master, dynamic_ncols=True)
+    while step < args.max_iters:
+        torch.manual_seed(args.seed * 1_000_003 + rank * 10_007 + step)  # resumable randomness
+        lr = lr_at(step, args)
+        for opt in (optimizer, disc_opt):
+            for group in (opt.param_groups if opt is not None else []):
+                group['lr'] = lr
+        for micro in range(accum):
+            cursor, (img, _, n_bad) = next(batches)
+            img, skipped = img.to(device, non_blocking=True), skipped + int(n_bad.sum())
+            sync = micro == accum - 1   # important! all-reduce gradients on the last micro-step
+            with model.no_sync() if world > 1 and not sync else nullcontext():
+                with ctx:
+                    loss, parts, rec = vqvae_loss(model, raw, img, step, args, disc_raw, lpips)
+                scaler.scale(loss / accum).backward()
+            if disc is not None and step >= args.disc_start:
+                disc_raw.requires_grad_(True)
+                with disc.no_sync() if world > 1 and not sync else nullcontext():
+                    with ctx:
+                        d_loss = vqvae.hinge_d_loss(disc(img), disc(rec.detach()))
+                    scaler.scale(d_loss / accum).backward()
+                parts['d'] = d_loss.detach()
+            for k, v in dict(parts, loss=loss.detach()).items():
+                sums[k] = sums.get(k, 0.0) + v.float() / accum
+        for opt, net in ((optimizer, raw), (disc_opt, disc_raw)):
+            if opt is None or not any(p.grad is not None for p in net.parameters()):
+                continue
+            scaler.unscale_(opt)
+            if args.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip)
+            scaler.step(opt)
+            opt.zero_grad(set_to_none=True)
+        scaler.update()
+        if ema is not None:
+            for e, p in zip(ema.state_dict().values(), raw.state_dict().values()):
+                e.lerp_(p, 1 - args.ema) if e.is_floating_point() else e.copy_(p)
+        step += 1
+        bar.update(1)
+        if args.reseed_every and step % args.reseed_every == 0:
+            with torch.no_grad(), ctx:
+                n_dead = raw.quantize.reseed_dead_codes(raw.encode(img))
+            sums['reseeded'] = sums.get('reseeded', 0.0) + torch.tensor(float(n_dead))
+
+        if step % args.log_every == 0 or step == args.max_iters:
+            stats = torch.stack([v.to(device) for v in sums.values()])
+            if world > 1:   # .item() below syncs; average over ranks first
+                dist.all_reduce(stats, op=dist.ReduceOp.AVG)
+            n, last_log = step - last_log, step
+            text = ' '.join(f'{k} {v / (1 if k == "reseeded" else n):.4g}'
+                            for k, v in zip(sums, stats.tolist()))
+            usage = ' '.join(f'{u:.0f}' for u in raw.quantize.usage().tolist())
+            dt = (time.time() - t0) / n
+            log(f'step {step} {text} lr {lr:.3g} usage% {usage} ms/step {dt * 1000:.0f}'
+                + (f' skipped_files {skipped}' if skipped else ''))
+            bar.set_postfix(loss=f"{stats[list(sums).index('loss')].item() / n:.4f}")
+            sums, t0 = {}, time.time()
+        last = step == args.max_iters or (args.stop_after and step - start >= args.stop_after)
+        if step % args.eval_every == 0 or last:
+            r = evaluate(ema or raw, val_set, args, device, rank, world, ctx)
+            log(f"eval {step} l2 {r['l2']:.4f} psnr {r['psnr']:.2f} vq {r['vq']:.4f} "
+                f"codes% {' '.join(f'{c:.1f}' for c in r['codes'])}")
+        if master and (step % args.sample_every == 0 or last):
+            grid = os.path.join(args.out_dir, f'recon_{step:06d}.png')
+            save_reconstructions(ema or raw, val_set, grid, device)
+        if step % args.save_every == 0 or last:
+            checkpoint()
+        if last:
+            break
+    bar.close()
+    if step - start == 0:   # already done: report the finished run again
+        r = evaluate(ema or raw, val_set, args, device, rank, world, ctx)
+    if master:
+        scales = ', '.join(f'{pn}x{pn}: {c:.1f}%' for pn, c in zip(config['patch_nums'], r['codes']))
+        grid = os.path.join(args.out_dir, f'recon_{step:06d}.png')
+        print(f'\nheld-out reconstruction PSNR {r["psnr"]:.2f} dB (l2 {r["l2"]:.4f}) after {step} '
+              f'steps\ncodebook used per scale on held-out images: {scales}\n'
+              f'checkpoint {ckpt_path}\nreconstructions {grid}\nlog {log_path}'
+              + (f'\n{skipped} unreadable files were skipped' if skipped else ''))
+    if world > 1:
+        dist.destroy_process_group()
+    return raw
+
+
+if __name__ == '__main__':
+    main(get_args())

@@ -1,0 +1,538 @@
+"""
+The multi-scale residual VQVAE of VAR (Tian et al., NeurIPS 2024, arXiv 2404.02905), and the
+losses used to train it.
+
+An image x is encoded to a feature map f (B, C, H, W). Instead of one token per position, VAR
+quantises f into K token maps r_1..r_K of growing size pn_k x pn_k (paper Alg. 1):
+
+    f_rest = f
+    for k in 1..K:   r_k   = nearest code of area_down(f_rest, pn_k)        # (B, pn_k, pn_k)
+                     h_k   = phi_k(bicubic_up(E[r_k], H))                   # (B, C, H, W)
+                     f_rest = f_rest - h_k
+    f_hat = sum_k h_k            and the decoder renders x_hat from f_hat (Alg. 2).
+
+phi_k is a 3x3 conv blended with its input, phi(h) = (1 - q) h + q conv(h) with q = quant_resi;
+a few phi convs are shared over the K scales (partially shared, official default 4). Training
+uses the VQ loss of VAR Eq. 5 averaged over scales with a straight-through estimator.
+
+Names of every module match the official code, so the released `vae_ch160v4096z32.pth` loads
+with every tensor used: `VQVAE.from_checkpoint('vae_ch160v4096z32.pth')`.
+Letters in names: B batch, C channels, H x W the latent size, V vocabulary, K scales.
+
+Deviations from the official code: `ch_mult`, `num_res_blocks` and the attention layers are
+configurable (the official code hard-codes the LDM vq-f16 layout, our default); the phi convs
+are always stored as `quant_resi.qresi_ls.{i}` (share_quant_resi=0 means one per scale);
+a single scale (K=1) is allowed and is a plain VQVAE; dead codes can be re-seeded from live
+features; the PatchGAN and LPIPS losses below are ours (VAR never released its tokenizer
+training). Run `python -m pytest test_all.py -k vqvae` to test, `python train.py --model vqvae`
+to train.
+"""
+from dataclasses import dataclass, asdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class VQVAEConfig:
+    vocab_size: int = 4096          # V, codebook size (one codebook shared by all scales)
+    z_channels: int = 32            # C, channels of the quantised latent
+    ch: int = 160                   # base width of the conv encoder/decoder (multiple of 32)
+    ch_mult: tuple = (1, 1, 2, 2, 4)  # width multipliers; downsampling = 2**(len-1)
+    num_res_blocks: int = 2         # residual blocks per resolution (decoder uses one more)
+    using_sa: bool = True           # self-attention at the lowest resolution
+    using_mid_sa: bool = True       # self-attention in the middle block
+    dropout: float = 0.0            # dropout inside residual blocks
+    patch_nums: tuple = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # pn_k, side of token map k
+    quant_resi: float = 0.5         # q in phi(h) = (1-q) h + q conv(h); 0 disables phi
+    share_quant_resi: int = 4       # number of phi convs shared over scales; 0 = one per scale
+    beta: float = 0.25              # commitment weight of Eq. 5
+
+
+# ----------------------------------------------------------------------------------------------
+# Conv encoder / decoder (the VQGAN / LDM layout, as in VAR's basic_vae.py)
+
+def Normalize(channels):
+    return nn.GroupNorm(32, channels, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    """GN-SiLU-conv twice, with a 1x1 conv shortcut when the width changes."""
+
+    def __init__(self, in_channels, out_channels, dropout):
+        super().__init__()
+        self.norm1 = Normalize(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = Normalize(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.nin_shortcut = (nn.Conv2d(in_channels, out_channels, 1)
+                             if in_channels != out_channels else nn.Identity())
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.nin_shortcut(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all H*W positions, fused qkv 1x1 conv."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.norm = Normalize(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).unbind(1)  # 3 x (B, C, HW)
+        # softmax(q^T k / sqrt(C)) v, one head of width C
+        h = F.scaled_dot_product_attention(q.mT[:, None], k.mT[:, None], v.mT[:, None])
+        return x + self.proj_out(h[:, 0].mT.reshape(B, C, H, W))
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv after padding right/bottom by one (VQGAN's asymmetric padding)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Nearest 2x upsampling followed by a 3x3 conv."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2, mode='nearest'))
+
+
+def _level(blocks, attns, resample_name=None, resample=None):
+    """One resolution level as a container with the official attribute names."""
+    level = nn.Module()
+    level.block, level.attn = nn.ModuleList(blocks), nn.ModuleList(attns)
+    if resample is not None:
+        setattr(level, resample_name, resample)  # `downsample` or `upsample`
+    return level
+
+
+def _mid(channels, cfg):
+    mid = nn.Module()
+    mid.block_1 = ResnetBlock(channels, channels, cfg.dropout)
+    mid.attn_1 = AttnBlock(channels) if cfg.using_mid_sa else nn.Identity()
+    mid.block_2 = ResnetBlock(channels, channels, cfg.dropout)
+    return mid
+
+
+class Encoder(nn.Module):
+    """Image (B, 3, 16h, 16w) -> features (B, z_channels, h, w) for the default ch_mult."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        widths = [cfg.ch * m for m in cfg.ch_mult]
+        self.conv_in = nn.Conv2d(3, cfg.ch, 3, padding=1)
+        self.down, c = nn.ModuleList(), cfg.ch
+        for i, w in enumerate(widths):
+            last = i == len(widths) - 1
+            blocks, attns = [], []
+            for _ in range(cfg.num_res_blocks):
+                blocks.append(ResnetBlock(c, w, cfg.dropout))
+                c = w
+                if last and cfg.using_sa:
+                    attns.append(AttnBlock(c))
+            self.down.append(_level(blocks, attns, 'downsample', None if last else Downsample(c)))
+        self.mid = _mid(c, cfg)
+        self.norm_out = Normalize(c)
+        self.conv_out = nn.Conv2d(c, cfg.z_channels, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for level in self.down:
+            for i, block in enumerate(level.block):
+                h = block(h)
+                if len(level.attn):
+                    h = level.attn[i](h)
+            if hasattr(level, 'downsample'):
+                h = level.downsample(h)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """Features (B, z_channels, h, w) -> image (B, 3, 16h, 16w); `up.0` is the finest level."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        widths = [cfg.ch * m for m in cfg.ch_mult]
+        c = widths[-1]
+        self.conv_in = nn.Conv2d(cfg.z_channels, c, 3, padding=1)
+        self.mid = _mid(c, cfg)
+        levels = []
+        for i in reversed(range(len(widths))):    # coarse to fine, stored fine-first below
+            blocks, attns = [], []
+            for _ in range(cfg.num_res_blocks + 1):
+                blocks.append(ResnetBlock(c, widths[i], cfg.dropout))
+                c = widths[i]
+                if i == len(widths) - 1 and cfg.using_sa:
+                    attns.append(AttnBlock(c))
+            levels.insert(0, _level(blocks, attns, 'upsample', Upsample(c) if i > 0 else None))
+        self.up = nn.ModuleList(levels)
+        self.norm_out = Normalize(c)
+        self.conv_out = nn.Conv2d(c, 3, 3, padding=1)
+
+    def forward(self, z):
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
+        for level in reversed(self.up):
+            for i, block in enumerate(level.block):
+                h = block(h)
+                if len(level.attn):
+                    h = level.attn[i](h)
+            if hasattr(level, 'upsample'):
+                h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Multi-scale residual quantiser (VAR Alg. 1 and 2)
+
+class Phi(nn.Conv2d):
+    """phi(h) = (1 - q) * h + q * conv3x3(h): the residual conv applied after upsampling."""
+
+    def __init__(self, channels, quant_resi):
+        super().__init__(channels, channels, 3, padding=1)
+        self.resi_ratio = abs(quant_resi)
+
+    def forward(self, h):
+        return h * (1 - self.resi_ratio) + super().forward(h) * self.resi_ratio
+
+
+class PhiPartiallyShared(nn.Module):
+    """n phi convs shared over K scales: scale k uses the phi whose tick is nearest k/(K-1)."""
+
+    def __init__(self, phis):
+        super().__init__()
+        self.qresi_ls = nn.ModuleList(phis)
+        n = len(phis)
+        margin = 1 / 3 / n if n == 4 else 1 / 2 / n  # the official tick placement
+        self.ticks = np.linspace(margin, 1 - margin, n)
+
+    def index(self, k, K):
+        """Index of the phi used at scale k of K (K=10, n=4: 0,0,1,1,1,2,2,3,3,3)."""
+        return int(np.argmin(np.abs(self.ticks - (k / (K - 1) if K > 1 else 0.0))))
+
+
+class MultiScaleQuantizer(nn.Module):
+    """One codebook E (V, C), K residual scales, phi convs; the VQ part of VAR's tokenizer."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.patch_nums, self.beta = tuple(cfg.patch_nums), cfg.beta
+        self.vocab_size = cfg.vocab_size
+        K = len(self.patch_nums)
+        n = cfg.share_quant_resi or K
+        phis = [Phi(cfg.z_channels, cfg.quant_resi) if abs(cfg.quant_resi) > 1e-6 else nn.Identity()
+                for _ in range(n)]
+        self.quant_resi = PhiPartiallyShared(phis)
+        self.phi_index = [self.quant_resi.index(k, K) for k in range(K)]
+        # EMA of how often each code is picked at each scale (the official buffer name):
+        # drives the usage figures and the re-seeding of dead codes.
+        self.register_buffer('ema_vocab_hit_SV', torch.zeros(K, cfg.vocab_size))
+        self.embedding = nn.Embedding(cfg.vocab_size, cfg.z_channels)
+
+    def nearest_code(self, z):
+        """argmin_v ||z - E_v||^2 = ||z||^2 + ||E_v||^2 - 2 z.E_v, z (B, C, h, w) -> (B, h, w).
+
+        The sum is formed in the official order so that tokens are bit-identical to it."""
+        B, C, h, w = z.shape
+        z = z.permute(0, 2, 3, 1).reshape(-1, C)                                  # (N, C)
+        E = self.embedding.weight.detach()                                        # (V, C)
+        d = z.square().sum(1, keepdim=True) + E.square().sum(1)                   # (N, V)
+        d = torch.addmm(d, z, E.T, beta=1, alpha=-2)
+        return d.argmin(1).view(B, h, w)
+
+    def embed_scale(self, k, idx, H):
+        """h_k = phi_k(up(E[r_k])), idx (B, pn, pn) -> (B, C, H, H). No upsampling at pn == H."""
+        h = self.embedding(idx).permute(0, 3, 1, 2)                               # (B, C, pn, pn)
+        if idx.shape[-1] != H:
+            h = F.interpolate(h, size=(H, H), mode='bicubic')                    # (B, C, H, H)
+        return self.quant_resi.qresi_ls[self.phi_index[k]](h)
+
+    def residual_steps(self, f):
+        """Alg. 1: yields (z_k, r_k, h_k) scale by scale: the downsampled residual z_k
+        (B, C, pn, pn), its tokens r_k (B, pn, pn) and the contribution h_k (B, C, H, W)."""
+        B, C, H, W = f.shape
+        if self.patch_nums[-1] != H or H != W:
+            raise ValueError(f'latent is {H}x{W} but the last patch_num is {self.patch_nums[-1]}: '
+                             'patch_nums must end at the latent size (image size / downsampling)')
+        f_rest = f.detach().clone()
+        for k, pn in enumerate(self.patch_nums):
+            z = F.interpolate(f_rest, size=(pn, pn), mode='area') if pn != H else f_rest
+            idx = self.nearest_code(z)                                            # (B, pn, pn)
+            h = self.embed_scale(k, idx, H)                                       # (B, C, H, W)
+            f_rest = f_rest - h.detach()
+            yield z, idx, h
+
+    def forward(self, f):
+        """Training path. f (B, C, H, W) -> (f_hat with straight-through grads, vq_loss, idx list).
+
+        vq_loss = 1/K sum_k [ beta ||sg(f_hat_k) - f||^2 + ||f_hat_k - sg(f)||^2 ]  (Eq. 5 over
+        the cumulative reconstructions f_hat_k), computed in fp32 even under autocast."""
+        with torch.autocast(f.device.type, enabled=False):
+            f = f.float()
+            f_hat, vq_loss, idx_list = torch.zeros_like(f), 0.0, []
+            for _, idx, h in self.residual_steps(f):
+                f_hat = f_hat + h
+                vq_loss = vq_loss + self.beta * F.mse_loss(f_hat.detach(), f) \
+                    + F.mse_loss(f_hat, f.detach())
+                idx_list.append(idx.flatten(1))                                   # (B, pn*pn)
+            if self.training:
+                self._record_hits(idx_list)
+            f_hat = (f_hat.detach() - f.detach()) + f   # straight-through: d f_hat / d f = 1
+        return f_hat, vq_loss / len(self.patch_nums), idx_list
+
+    @torch.no_grad()
+    def _record_hits(self, idx_list):
+        hits = torch.stack([torch.bincount(i.flatten(), minlength=self.vocab_size).float()
+                            for i in idx_list])                                   # (K, V)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(hits)   # count the global batch, so every rank keeps the same EMA
+        ema = self.ema_vocab_hit_SV
+        fresh = ema.sum(1, keepdim=True) == 0                                     # first record
+        ema.copy_(torch.where(fresh, hits, 0.99 * ema + 0.01 * hits))
+
+    def usage(self):
+        """Percent of the codebook in use at each scale: codes picked at least 8% as often as
+        they would be under uniform use, by the hit EMA (roughly the last few hundred steps)."""
+        ema = self.ema_vocab_hit_SV
+        return ((ema >= 0.08 * ema.mean(1, keepdim=True)) & (ema > 0)).float().mean(1) * 100
+
+    @torch.no_grad()
+    def reseed_dead_codes(self, f):
+        """Codes unused at every scale get a random live residual z_k of this batch (scale k
+        drawn uniformly, so coarse scales are fed too). Returns how many were re-seeded.
+        Under torch.distributed rank 0's choice is broadcast, so all ranks stay identical."""
+        ema = self.ema_vocab_hit_SV
+        if ema.sum() == 0:
+            return 0
+        used = (ema >= 0.08 * ema.mean(1, keepdim=True)) & (ema > 0)             # (K, V)
+        dead = (~used.any(0)).nonzero().flatten()                                 # (D,)
+        if len(dead):
+            pools = [z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+                     for z, _, _ in self.residual_steps(f.float())]               # K x (N_k, C)
+            scale = torch.randint(len(pools), (len(dead),))
+            rows = [pools[s][torch.randint(len(pools[s]), ())] for s in scale.tolist()]
+            self.embedding.weight[dead] = torch.stack(rows).to(self.embedding.weight)
+            ema[:, dead] = ema.mean(1, keepdim=True)  # count them as freshly used
+        if dist.is_available() and dist.is_initialized():
+            dist.broadcast(self.embedding.weight.data, 0)
+            dist.broadcast(ema, 0)
+        return len(dead)
+
+    def idx_to_fhat(self, idx_list, H):
+        """Alg. 2: f_hat = sum_k phi_k(up(E[r_k])) over the given scales (a prefix of K scales
+        gives the coarse reconstruction). idx_list: k x (B, pn*pn) -> (B, C, H, H), fp32."""
+        f_hat = 0.0
+        for k, idx in enumerate(idx_list):
+            pn = self.patch_nums[k]
+            f_hat = f_hat + self.embed_scale(k, idx.view(-1, pn, pn), H)
+        return f_hat
+
+    def idx_to_var_input(self, idx_list):
+        """Teacher-forcing input of VAR: for k = 1..K-1, area_down(f_hat_{k-1}, pn_{k+1}), where
+        f_hat_{k-1} sums the first k scales. K x (B, pn_k^2) -> (B, L - pn_1^2, C)."""
+        H, f_hat, out = self.patch_nums[-1], 0.0, []
+        for k, pn_next in enumerate(self.patch_nums[1:]):
+            pn = self.patch_nums[k]
+            f_hat = f_hat + self.embed_scale(k, idx_list[k].view(-1, pn, pn), H)  # (B, C, H, H)
+            nxt = F.interpolate(f_hat, size=(pn_next, pn_next), mode='area')     # (B, C, pn', pn')
+            out.append(nxt.flatten(2).transpose(1, 2))                             # (B, pn'^2, C)
+        if not out:   # a single scale: VAR has nothing to teacher-force after the start token
+            B, C = idx_list[0].shape[0], self.embedding.embedding_dim
+            return self.embedding.weight.new_zeros(B, 0, C)
+        return torch.cat(out, 1)
+
+    def next_var_input(self, k, f_hat, idx):
+        """VAR inference step: add scale k's tokens idx (B, pn, pn) to f_hat (B, C, H, H);
+        returns the new f_hat and the next scale's input area_down(f_hat, pn_{k+1})."""
+        H = self.patch_nums[-1]
+        f_hat = f_hat + self.embed_scale(k, idx, H)
+        if k == len(self.patch_nums) - 1:
+            return f_hat, f_hat
+        pn_next = self.patch_nums[k + 1]
+        return f_hat, F.interpolate(f_hat, size=(pn_next, pn_next), mode='area')
+
+
+# ----------------------------------------------------------------------------------------------
+# The tokenizer
+
+class VQVAE(nn.Module):
+    """Encoder -> quant_conv -> multi-scale quantiser -> post_quant_conv -> decoder."""
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.config = cfg = VQVAEConfig(**kwargs)
+        if cfg.ch % 32:
+            raise ValueError(f'ch={cfg.ch}: GroupNorm(32) needs a multiple of 32')
+        self.downsample = 2 ** (len(cfg.ch_mult) - 1)
+        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
+        self.quantize = MultiScaleQuantizer(cfg)
+        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 3, padding=1)
+        self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 3, padding=1)
+
+    def encode(self, img):
+        """(B, 3, H*s, W*s) in [-1, 1] -> f (B, C, H, W), s = 2**(len(ch_mult)-1)."""
+        return self.quant_conv(self.encoder(img))
+
+    def decode(self, f_hat):
+        """f_hat (B, C, H, W) -> image (B, 3, H*s, W*s), not clamped (training)."""
+        return self.decoder(self.post_quant_conv(f_hat))
+
+    def forward(self, img):
+        """Training forward: img (B, 3, h, w) -> (reconstruction, vq_loss, list of K (B, pn^2))."""
+        f_hat, vq_loss, idx_list = self.quantize(self.encode(img))
+        return self.decode(f_hat), vq_loss, idx_list
+
+    @torch.no_grad()
+    def img_to_idx(self, img):
+        """Tokenise: img (B, 3, h, w) in [-1, 1] -> list of K LongTensors (B, pn_k^2)."""
+        f = self.encode(img).float()
+        return [idx.flatten(1) for _, idx, _ in self.quantize.residual_steps(f)]
+
+    @torch.no_grad()
+    def idx_to_img(self, idx_list):
+        """Detokenise: list of k <= K (B, pn^2) -> image (B, 3, h, w) in [-1, 1]. With fewer
+        than K scales this renders the coarse partial sum (the coarse-to-fine pictures)."""
+        f_hat = self.quantize.idx_to_fhat(idx_list, self.config.patch_nums[-1])
+        return self.decode(f_hat).clamp(-1, 1)
+
+    def fhat_to_img(self, f_hat):
+        """f_hat (B, C, H, W) -> image in [-1, 1] (used by VAR's sampler)."""
+        return self.decode(f_hat).clamp(-1, 1)
+
+    @torch.no_grad()
+    def idx_to_var_input(self, idx_list):
+        """Teacher-forcing input for VAR: list of K (B, pn^2) -> (B, L - 1, C)."""
+        return self.quantize.idx_to_var_input(idx_list)
+
+    @classmethod
+    def from_checkpoint(cls, path, use_ema=True):
+        """Load the official `vae_ch160v4096z32.pth` (a bare state dict, default config) or a
+        `train.py --model vqvae` checkpoint (config inside). Errors name what does not fit."""
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        if 'model' in ckpt and 'config' in ckpt:           # ours
+            if ckpt.get('kind') != 'vqvae':
+                raise ValueError(f"{path} is a '{ckpt.get('kind')}' checkpoint, not a vqvae")
+            state = ckpt['ema'] if use_ema and ckpt.get('ema') else ckpt['model']
+            model = cls(**ckpt['config'])
+        else:                                             # official: the released tokenizer
+            state, model = ckpt, cls()
+            if any(k.startswith('blocks.') for k in state):
+                raise ValueError(f'{path} holds a VAR transformer, not its VQVAE tokenizer')
+        ema = state.get('quantize.ema_vocab_hit_SV')
+        if ema is not None and ema.shape != model.quantize.ema_vocab_hit_SV.shape:
+            state = {**state, 'quantize.ema_vocab_hit_SV': model.quantize.ema_vocab_hit_SV}
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise RuntimeError(f'{path} does not fit VQVAE({asdict(model.config)}):\n{e}') from None
+        return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Extra tokenizer losses (VQGAN, Esser et al. 2021): PatchGAN hinge loss and LPIPS
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN (pix2pix / VQGAN): a real-vs-fake logit per overlapping patch, (B, 1, h', w')."""
+
+    def __init__(self, ch=64, n_layers=3):
+        super().__init__()
+        layers, c = [nn.Conv2d(3, ch, 4, 2, 1), nn.LeakyReLU(0.2)], ch
+        for i in range(1, n_layers + 1):
+            c_next = ch * min(2 ** i, 8)
+            stride = 2 if i < n_layers else 1
+            layers += [nn.Conv2d(c, c_next, 4, stride, 1, bias=False), nn.BatchNorm2d(c_next),
+                       nn.LeakyReLU(0.2)]
+            c = c_next
+        layers.append(nn.Conv2d(c, 1, 4, 1, 1))
+        self.main = nn.Sequential(*layers)
+        for m in self.modules():   # the DCGAN init that VQGAN uses
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.normal_(m.weight, 1.0, 0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        return self.main(x)
+
+
+def hinge_d_loss(logits_real, logits_fake):
+    """Discriminator hinge loss: 1/2 (E[relu(1 - D(x))] + E[relu(1 + D(x_hat))])."""
+    return 0.5 * (F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean())
+
+
+def adaptive_gan_weight(rec_loss, g_loss, last_layer, max_weight=1e4):
+    """VQGAN's balance: ||grad_last rec_loss|| / (||grad_last g_loss|| + 1e-4), clamped."""
+    rec_grad, = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)
+    g_grad, = torch.autograd.grad(g_loss, last_layer, retain_graph=True)
+    return (rec_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0, max_weight).detach()
+
+
+class LPIPS(nn.Module):
+    """LPIPS perceptual distance (Zhang et al. 2018) on VGG-16: unit-normalise the channels of
+    5 ReLU feature maps, square the difference, weight channels by a learnt 1x1 conv, average
+    over space, sum over layers. Weights are loaded by path: torchvision's `vgg16-397923af.pth`
+    (keys `features.N.*`) and LPIPS' `vgg.pth` (keys `linL.model.1.weight`). Frozen."""
+
+    cfg = (64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M', 512, 512, 512, 'M', 512, 512, 512)
+
+    def __init__(self):
+        super().__init__()
+        layers, c, self.taps = [], 3, []
+        for v in self.cfg:
+            if v == 'M':
+                self.taps.append(len(layers) - 1)         # the ReLU just before each pooling
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(c, v, 3, padding=1), nn.ReLU()]
+                c = v
+        self.taps.append(len(layers) - 1)
+        self.features = nn.Sequential(*layers)
+        self.lins = nn.ParameterList([nn.Parameter(torch.ones(1, c, 1, 1) / c)
+                                      for c in (64, 128, 256, 512, 512)])
+        self.register_buffer('shift', torch.tensor([-.030, -.088, -.188]).view(1, 3, 1, 1), False)
+        self.register_buffer('scale', torch.tensor([.458, .448, .450]).view(1, 3, 1, 1), False)
+        self.requires_grad_(False)
+
+    def load(self, vgg_path, lin_path):
+        vgg = torch.load(vgg_path, map_location='cpu', weights_only=True)
+        self.features.load_state_dict({k[len('features.'):]: v for k, v in vgg.items()
+                                       if k.startswith('features.')}, strict=True)
+        lin = torch.load(lin_path, map_location='cpu', weights_only=True)
+        for i, p in enumerate(self.lins):
+            p.data.copy_(lin[f'lin{i}.model.1.weight'])
+        return self
+
+    def forward(self, x, y):
+        """x, y (B, 3, H, W) in [-1, 1] -> per-image distance (B,)."""
+        h = torch.cat([x, y]).sub(self.shift).div(self.scale)                     # (2B, 3, H, W)
+        dist_sum, taps = 0.0, iter(self.lins)
+        for i, layer in enumerate(self.features):
+            h = layer(h)
+            if i in self.taps:
+                n = h / (h.square().sum(1, keepdim=True).sqrt() + 1e-10)      # unit channels
+                a, b = n.chunk(2)
+                dist_sum = dist_sum + ((a - b).square() * next(taps)).sum(1).mean((1, 2))
+                if i == self.taps[-1]:
+                    break
+        return dist_sum
