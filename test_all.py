@@ -470,7 +470,8 @@ def test_patch_discriminator_gives_patch_logits():
 def test_lpips_loads_official_layout_and_is_a_distance(tmp_path):
     torch.manual_seed(0)
     net = vqvae.LPIPS()
-    vgg = {f'features.{k}': torch.randn_like(v) * 0.05 for k, v in net.features.state_dict().items()}
+    vgg = {f'features.{k}': torch.randn_like(v) * 0.05
+           for k, v in net.features.state_dict().items()}
     vgg['classifier.0.weight'] = torch.zeros(1)            # torchvision's file has more: ignored
     lin = {f'lin{i}.model.1.weight': torch.rand_like(p) for i, p in enumerate(net.lins)}
     torch.save(vgg, tmp_path / 'vgg16.pth')

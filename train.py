@@ -305,7 +305,8 @@ def main(args):
            f'accumulation = {args.total_batch_size} images per step; device {device} {args.dtype}')
 
     # model, optimizer, and everything a resume needs
-    ckpt_path, log_path = os.path.join(args.out_dir, 'ckpt.pt'), os.path.join(args.out_dir, 'log.txt')
+    ckpt_path = os.path.join(args.out_dir, 'ckpt.pt')
+    log_path = os.path.join(args.out_dir, 'log.txt')
     ckpt = None
     if args.resume == 'auto' and os.path.exists(ckpt_path):
         ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
@@ -323,7 +324,9 @@ def main(args):
     optimizer = make_optimizer(raw, args)
     disc = vqvae.PatchDiscriminator().to(device) if args.disc_weight > 0 else None
     disc_opt = make_optimizer(disc, args) if disc is not None else None
-    lpips = vqvae.LPIPS().load(args.lpips_vgg, args.lpips_lin).to(device) if args.lpips_vgg else None
+    lpips = None
+    if args.lpips_vgg:
+        lpips = vqvae.LPIPS().load(args.lpips_vgg, args.lpips_lin).to(device)
     step, cursor, skipped = 0, (0, 0), 0
     if ckpt is not None:
         raw.load_state_dict(ckpt['model'])
@@ -442,7 +445,8 @@ def main(args):
     if step - start == 0:   # already done: report the finished run again
         r = evaluate(ema or raw, val_set, args, device, rank, world, ctx)
     if master:
-        scales = ', '.join(f'{pn}x{pn}: {c:.1f}%' for pn, c in zip(config['patch_nums'], r['codes']))
+        scales = ', '.join(f'{pn}x{pn}: {c:.1f}%'
+                           for pn, c in zip(config['patch_nums'], r['codes']))
         grid = os.path.join(args.out_dir, f'recon_{step:06d}.png')
         print(f'\nheld-out reconstruction PSNR {r["psnr"]:.2f} dB (l2 {r["l2"]:.4f}) after {step} '
               f'steps\ncodebook used per scale on held-out images: {scales}\n'
