@@ -12,6 +12,8 @@ and folders are ignored; empty and non-image files are skipped with one warning;
 never crashes an epoch (the next file is used instead).
 ProceduralDataset: class-conditional images with structure at three scales (background layout,
 a shape, a fine texture), rendered on the fly from (seed, index). Select it with --data builtin.
+ShardedSampler / endless_batches: each rank's share of a per-epoch permutation, resumable
+mid-epoch from a saved cursor.
 
     python data.py    # writes procedural_grid.png: 4 samples of each of the 10 classes
 """
@@ -272,6 +274,45 @@ def build_dataset(data, resolution, train, hflip=False, seed=0, size=None):
         ds.samples = ds.samples[::max(1, len(ds.samples) // size)][:size]
     return ds
 
+
+# -----------------------------------------------------------------------------
+# data order for (distributed) training
+
+class ShardedSampler(torch.utils.data.Sampler):
+    """This rank's share of a permutation fixed by (seed, epoch), from position `start` on:
+    resuming mid-epoch continues exactly where the interrupted run was."""
+
+    def __init__(self, n, rank, world, seed, epoch, start=0, shuffle=True):
+        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        order = torch.randperm(n, generator=g) if shuffle else torch.arange(n)
+        self.indices = order[rank::world][start:].tolist()
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+def endless_batches(dataset, batch_size, num_workers, rank, world, seed, epoch=0,
+                    batch_in_epoch=0, pin_memory=False):
+    """Endless training batches of this rank, each with its data cursor (epoch, batches done
+    in that epoch): start from a saved cursor and the order continues exactly."""
+    while True:
+        sampler = ShardedSampler(len(dataset), rank, world, seed, epoch,
+                                 batch_in_epoch * batch_size)
+        # its own generator: creating a loader must not draw from the global RNG (resume)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size, sampler=sampler, num_workers=num_workers, drop_last=True,
+            pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed + epoch))
+        for batch in loader:
+            batch_in_epoch += 1
+            yield (epoch, batch_in_epoch), batch
+        epoch, batch_in_epoch = epoch + 1, 0
+
+
+# -----------------------------------------------------------------------------
+# saving
 
 def to_uint8(images):
     """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8 numpy, rounding: inverse of x/255*2-1."""

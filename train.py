@@ -38,7 +38,7 @@ VQVAE_PRESETS = {
     'var': dict(vocab_size=4096, z_channels=32, ch=160, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2),
 }
 # Per-model defaults of flags left unset.
-MODEL_DEFAULTS = {'vqvae': dict(lr=3e-4, weight_decay=0.0, beta1=0.5, beta2=0.9)}
+MODEL_DEFAULTS = {'vqvae': dict(weight_decay=0.0, beta1=0.5, beta2=0.9)}
 
 
 def get_args(argv=None):
@@ -76,14 +76,15 @@ def get_args(argv=None):
     g.add_argument('--num_workers', type=int, default=-1,
                    help='data loader processes per GPU (-1: 0 for builtin, else min(8, cores))')
     g = p.add_argument_group('optimisation')
-    g.add_argument('--max_iters', type=int, default=1500, help='optimizer steps in all')
+    g.add_argument('--max_iters', type=int, default=500, help='optimizer steps in all')
     g.add_argument('--total_batch_size', type=int, default=32, help='images per optimizer step')
     g.add_argument('--batch_size', type=int, default=32, help='micro-batch per GPU')
-    g.add_argument('--lr', type=float, help='peak learning rate (AdamW)')
+    g.add_argument('--lr', type=float,
+                   help='peak learning rate (AdamW); default 1e-3 tiny, 2e-4 var preset')
     g.add_argument('--weight_decay', type=float, help='decoupled weight decay of matrices')
     g.add_argument('--beta1', type=float, help='AdamW beta1')
     g.add_argument('--beta2', type=float, help='AdamW beta2')
-    g.add_argument('--warmup_iters', type=int, default=100, help='linear warmup steps')
+    g.add_argument('--warmup_iters', type=int, default=50, help='linear warmup steps')
     g.add_argument('--lr_schedule', choices=['cosine', 'linear', 'constant'], default='cosine',
                    help='decay after warmup')
     g.add_argument('--min_lr_ratio', type=float, default=0.1, help='final lr / peak lr')
@@ -101,13 +102,16 @@ def get_args(argv=None):
     g.add_argument('--resume', choices=['auto', 'never'], default='auto',
                    help='auto: continue from <out_dir>/ckpt.pt when it exists')
     g.add_argument('--log_every', type=int, default=50, help='steps between log lines')
-    g.add_argument('--eval_every', type=int, default=500, help='steps between validations')
+    g.add_argument('--eval_every', type=int, default=250, help='steps between validations')
     g.add_argument('--eval_images', type=int, default=1000, help='validation images (at most)')
-    g.add_argument('--sample_every', type=int, default=500, help='steps between PNG grids')
-    g.add_argument('--save_every', type=int, default=500, help='steps between checkpoints')
+    g.add_argument('--sample_every', type=int, default=250, help='steps between PNG grids')
+    g.add_argument('--save_every', type=int, default=250, help='steps between checkpoints')
     g.add_argument('--stop_after', type=int, default=0,
                    help='exit after this many steps in this run (checkpointed; rerun resumes)')
     args = p.parse_args(argv)
+    args.vae_preset = args.vae_preset or ('tiny' if args.resolution <= 64 else 'var')
+    if args.lr is None:   # VQGAN-like rates: the tiny model takes a higher one
+        args.lr = 1e-3 if args.vae_preset == 'tiny' else 2e-4
     for k, v in MODEL_DEFAULTS[args.model].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -119,7 +123,7 @@ def _ints(s):
 
 
 # ----------------------------------------------------------------------------------------------
-# Device, distributed setup, data order
+# Device, distributed setup, optimisation
 
 def setup(args):
     """Device autodetection (cuda > mps > cpu) and torchrun DDP: NCCL on GPU, gloo on CPU."""
@@ -140,36 +144,6 @@ def setup(args):
     if device_type == 'cuda':   # TF32 matmuls: faster, not bit-reproducible across GPUs
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return device, rank, world
-
-
-class ShardedSampler(torch.utils.data.Sampler):
-    """This rank's share of a permutation fixed by (seed, epoch), from position `start` on:
-    resuming mid-epoch continues exactly where the interrupted run was."""
-
-    def __init__(self, n, rank, world, seed, epoch, start=0, shuffle=True):
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        order = torch.randperm(n, generator=g) if shuffle else torch.arange(n)
-        self.indices = order[rank::world][start:].tolist()
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self):
-        return len(self.indices)
-
-
-def train_batches(dataset, args, rank, world, epoch, batch_in_epoch, pin):
-    """Endless micro-batches with their data cursor (epoch, batches done in that epoch)."""
-    while True:
-        sampler = ShardedSampler(len(dataset), rank, world, args.seed, epoch,
-                                 batch_in_epoch * args.batch_size)
-        loader = torch.utils.data.DataLoader(dataset, args.batch_size, sampler=sampler,
-                                             num_workers=args.num_workers, drop_last=True,
-                                             pin_memory=pin)
-        for batch in loader:
-            batch_in_epoch += 1
-            yield (epoch, batch_in_epoch), batch
-        epoch, batch_in_epoch = epoch + 1, 0
 
 
 def lr_at(step, args):
@@ -201,8 +175,7 @@ PATCH_NUMS = {4: (1, 2, 3, 4), 8: (1, 2, 3, 4, 6, 8), 16: (1, 2, 3, 4, 5, 6, 8, 
 
 def vqvae_config(args):
     """The preset for the resolution, overridden by any architecture flag that was given."""
-    preset = args.vae_preset or ('tiny' if args.resolution <= 64 else 'var')
-    cfg = dict(VQVAE_PRESETS[preset], beta=args.beta)
+    cfg = dict(VQVAE_PRESETS[args.vae_preset], beta=args.beta)
     for k in ('vocab_size', 'z_channels', 'ch', 'ch_mult', 'num_res_blocks', 'patch_nums'):
         if getattr(args, k) is not None:
             cfg[k] = getattr(args, k)
@@ -322,7 +295,10 @@ def main(args):
            f'{config}')
     ema = vqvae.VQVAE(**config).to(device).requires_grad_(False) if args.ema > 0 else None
     optimizer = make_optimizer(raw, args)
-    disc = vqvae.PatchDiscriminator().to(device) if args.disc_weight > 0 else None
+    disc = None
+    if args.disc_weight > 0:   # VQGAN's 3 layers; fewer for tiny images (patches must fit)
+        n_layers = max(1, min(3, int(math.log2(args.resolution)) - 2))
+        disc = vqvae.PatchDiscriminator(n_layers=n_layers).to(device)
     disc_opt = make_optimizer(disc, args) if disc is not None else None
     lpips = None
     if args.lpips_vgg:
@@ -336,6 +312,7 @@ def main(args):
         if disc is not None and ckpt.get('disc'):
             disc.load_state_dict(ckpt['disc'])
             disc_opt.load_state_dict(ckpt['disc_optimizer'])
+        scaler.load_state_dict(ckpt['scaler'])
         step, cursor, skipped = ckpt['step'], tuple(ckpt['data_cursor']), ckpt['skipped_files']
     elif ema is not None:
         ema.load_state_dict(raw.state_dict())
@@ -350,6 +327,7 @@ def main(args):
                     else None)
         disc = DDP(disc) if disc is not None else None
     disc_raw = disc.module if isinstance(disc, DDP) else disc
+    eval_model = ema if ema is not None else raw   # validation and pictures use the EMA
 
     def checkpoint():
         if master:
@@ -359,7 +337,8 @@ def main(args):
                 optimizer=optimizer.state_dict(), step=step, data_cursor=list(cursor),
                 skipped_files=skipped, args=vars(args), class_names=train_set.class_names,
                 disc=disc_raw.state_dict() if disc is not None else None,
-                disc_optimizer=disc_opt.state_dict() if disc is not None else None))
+                disc_optimizer=disc_opt.state_dict() if disc is not None else None,
+                scaler=scaler.state_dict()))
         if world > 1:
             dist.barrier()
 
@@ -370,7 +349,8 @@ def main(args):
                 f.write(line + '\n')
 
     os.makedirs(args.out_dir, exist_ok=True)
-    batches = train_batches(train_set, args, rank, world, *cursor, pin=device_type == 'cuda')
+    batches = data.endless_batches(train_set, args.batch_size, args.num_workers, rank, world,
+                                   args.seed, *cursor, pin_memory=device_type == 'cuda')
     start = last_log = step
     sums, t0 = {}, time.time()
     bar = tqdm(total=args.max_iters, initial=step, disable=not master, dynamic_ncols=True)
@@ -431,19 +411,19 @@ def main(args):
             sums, t0 = {}, time.time()
         last = step == args.max_iters or (args.stop_after and step - start >= args.stop_after)
         if step % args.eval_every == 0 or last:
-            r = evaluate(ema or raw, val_set, args, device, rank, world, ctx)
+            r = evaluate(eval_model, val_set, args, device, rank, world, ctx)
             log(f"eval {step} l2 {r['l2']:.4f} psnr {r['psnr']:.2f} vq {r['vq']:.4f} "
                 f"codes% {' '.join(f'{c:.1f}' for c in r['codes'])}")
         if master and (step % args.sample_every == 0 or last):
             grid = os.path.join(args.out_dir, f'recon_{step:06d}.png')
-            save_reconstructions(ema or raw, val_set, grid, device)
+            save_reconstructions(eval_model, val_set, grid, device)
         if step % args.save_every == 0 or last:
             checkpoint()
         if last:
             break
     bar.close()
     if step - start == 0:   # already done: report the finished run again
-        r = evaluate(ema or raw, val_set, args, device, rank, world, ctx)
+        r = evaluate(eval_model, val_set, args, device, rank, world, ctx)
     if master:
         scales = ', '.join(f'{pn}x{pn}: {c:.1f}%'
                            for pn, c in zip(config['patch_nums'], r['codes']))

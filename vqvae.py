@@ -335,7 +335,7 @@ class MultiScaleQuantizer(nn.Module):
             scale = torch.randint(len(pools), (len(dead),))
             rows = [pools[s][torch.randint(len(pools[s]), ())] for s in scale.tolist()]
             self.embedding.weight[dead] = torch.stack(rows).to(self.embedding.weight)
-            ema[:, dead] = ema.mean(1, keepdim=True)  # count them as freshly used
+            ema[:, dead] = 0.0   # in use only once picked; still unused next time: re-seeded
         if dist.is_available() and dist.is_initialized():
             dist.broadcast(self.embedding.weight.data, 0)
             dist.broadcast(ema, 0)
