@@ -76,7 +76,7 @@ def get_args(argv=None):
     g.add_argument('--num_workers', type=int, default=-1,
                    help='data loader processes per GPU (-1: 0 for builtin, else min(8, cores))')
     g = p.add_argument_group('optimisation')
-    g.add_argument('--max_iters', type=int, default=500, help='optimizer steps in all')
+    g.add_argument('--max_iters', type=int, default=400, help='optimizer steps in all')
     g.add_argument('--total_batch_size', type=int, default=32, help='images per optimizer step')
     g.add_argument('--batch_size', type=int, default=32, help='micro-batch per GPU')
     g.add_argument('--lr', type=float,
@@ -102,10 +102,10 @@ def get_args(argv=None):
     g.add_argument('--resume', choices=['auto', 'never'], default='auto',
                    help='auto: continue from <out_dir>/ckpt.pt when it exists')
     g.add_argument('--log_every', type=int, default=50, help='steps between log lines')
-    g.add_argument('--eval_every', type=int, default=250, help='steps between validations')
+    g.add_argument('--eval_every', type=int, default=200, help='steps between validations')
     g.add_argument('--eval_images', type=int, default=1000, help='validation images (at most)')
-    g.add_argument('--sample_every', type=int, default=250, help='steps between PNG grids')
-    g.add_argument('--save_every', type=int, default=250, help='steps between checkpoints')
+    g.add_argument('--sample_every', type=int, default=200, help='steps between PNG grids')
+    g.add_argument('--save_every', type=int, default=200, help='steps between checkpoints')
     g.add_argument('--stop_after', type=int, default=0,
                    help='exit after this many steps in this run (checkpointed; rerun resumes)')
     args = p.parse_args(argv)
