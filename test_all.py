@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
+import gpt
 import train
+import var
 import vqvae
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -383,10 +385,12 @@ def test_vqvae_teacher_forcing_input_is_downsampled_partial_fhat():
         expected = F.interpolate(partial, size=(pn_next, pn_next), mode='area')
         got = x[:, start:start + pn_next ** 2].transpose(1, 2).reshape(4, 8, pn_next, pn_next)
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
-        f_hat, nxt = model.quantize.next_var_input(k, f_hat, idx[k].view(4, pns[k], pns[k]))
+        h = model.quantize.embedding(idx[k].view(4, pns[k], pns[k])).permute(0, 3, 1, 2)
+        f_hat, nxt = model.quantize.next_var_input(k, f_hat, h)
         torch.testing.assert_close(nxt, expected, atol=1e-6, rtol=1e-5)
         start += pn_next ** 2
-    f_hat, _ = model.quantize.next_var_input(len(pns) - 1, f_hat, idx[-1].view(4, 8, 8))
+    h = model.quantize.embedding(idx[-1].view(4, 8, 8)).permute(0, 3, 1, 2)
+    f_hat, _ = model.quantize.next_var_input(len(pns) - 1, f_hat, h)
     torch.testing.assert_close(f_hat, model.quantize.idx_to_fhat(idx, 8), atol=1e-6, rtol=1e-5)
 
 
@@ -483,6 +487,136 @@ def test_lpips_loads_official_layout_and_is_a_distance(tmp_path):
     assert torch.allclose(net(x, x), torch.zeros(2), atol=1e-6)
     assert (net(x, y) > 0).all()
     torch.testing.assert_close(net(x, y), net(y, x))
+
+
+# --- gpt.py, var.py ----------------------------------------------------------------------------
+
+def tiny_var(vae=None, **kw):
+    vae = vae or tiny_vqvae()
+    torch.manual_seed(0)   # init_adaln_gamma 1: blocks far from the identity, so tests can fail
+    cfg = dict(depth=2, num_classes=10, patch_nums=vae.config.patch_nums, init_adaln_gamma=1.0)
+    return var.VAR(vae, **{**cfg, **kw}).eval()
+
+
+def key_listing(model):
+    return sorted((k, str(tuple(v.shape))) for k, v in model.state_dict().items())
+
+
+def test_var_d16_and_d36_official_key_structure():
+    """Built on the meta device: d16 has the 220 tensors (310.28M params) of var_d16.pth, and
+    d36 (shared AdaLN, 512 px scales) the 446 tensors (2353.89M) of var_d36.pth."""
+    with torch.device('meta'):
+        d16 = var.VAR(vqvae.VQVAE(), depth=16)
+        pn512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
+        d36 = var.VAR(vqvae.VQVAE(patch_nums=pn512), depth=36, patch_nums=pn512, shared_aln=True)
+    assert (len(d16.state_dict()), sum(p.numel() for p in d16.parameters())) == (220, 310_283_520)
+    assert (len(d36.state_dict()), sum(p.numel() for p in d36.parameters())) == (446,
+                                                                                 2_353_893_904)
+    assert d16.state_dict()['lvl_1L'].dtype == torch.int64
+    for model, name, every_block in ((d16, 'var_d16_keys.txt', True),
+                                     (d36, 'var_d36_keys.txt', False)):
+        path = os.path.join(REFERENCE, name)
+        if os.path.exists(path):   # d36's list shows blocks.0 only: the others repeat it
+            ref = [tuple(line.rstrip().split('\t')[:2]) for line in open(path) if line[0] != '#']
+            ours = [kv for kv in key_listing(model) if every_block
+                    or not kv[0].startswith('blocks.') or kv[0].startswith('blocks.0.')]
+            assert ours == sorted(ref)
+
+
+def test_var_block_causal_mask():
+    """Eq. 6: changing the input of scale k+1 leaves the logits of scales <= k unchanged,
+    while every token of scale k+1 sees the change (tokens of one scale see each other)."""
+    model = tiny_var()
+    vae = model.vae[0]
+    idx = vae.img_to_idx(images())
+    x, labels = vae.idx_to_var_input(idx), torch.tensor([0, 1, 2, 3])
+    ref = model(labels, x)
+    for k in range(1, len(model.patch_nums)):
+        start, end = model.begin_ends[k]
+        x2 = x.clone()
+        x2[:, start - 1] += 1.0            # first input token of scale k (x lacks position 0)
+        out = model(labels, x2)
+        assert torch.equal(out[:, :start], ref[:, :start]), k
+        assert ((out[:, start:end] - ref[:, start:end]).abs().amax(-1) > 1e-6).all(), k
+
+
+def test_var_kv_cache_sampling_equals_full_recompute_and_cfg():
+    """Greedy tokens drawn scale by scale with the kv cache equal the argmax of the
+    teacher-forced logits recomputed from scratch; with cfg the recompute combines the
+    conditional and null-class passes as (1 + t) c - t u, t = cfg * k / (K - 1); cfg 0 is the
+    conditional model alone."""
+    model = tiny_var()
+    labels, null = torch.tensor([0, 3, 7, 9]), torch.full((4,), 10)
+    K = len(model.patch_nums)
+    for cfg in (0.0, 2.0):
+        tokens, _ = model.sample_tokens(labels, cfg=cfg, top_k=1)
+        x = model.vae[0].idx_to_var_input(tokens)
+        cond, uncond = model(labels, x), model(null, x)
+        for k, (start, end) in enumerate(model.begin_ends):
+            t = cfg * k / (K - 1)
+            guided = (1 + t) * cond[:, start:end] - t * uncond[:, start:end]
+            assert torch.equal(guided.argmax(-1), tokens[k]), (cfg, k)
+
+
+def test_var_adaln_blocks_start_near_identity():
+    """With the official init (gates x 1e-5) every block starts as (almost) the identity."""
+    model = tiny_var(init_adaln_gamma=1e-5)
+    h, cond = torch.randn(2, model.L, model.width), torch.randn(2, model.width)
+    for block in model.blocks:
+        out = block(h, cond, model.attn_bias_for_masking)
+        assert (out - h).abs().max() < 1e-3 * h.abs().max()
+
+
+def test_var_sampling_is_seeded_and_filtered():
+    model, labels = tiny_var(), torch.tensor([1, 2])
+    a, _ = model.sample_tokens(labels, cfg=1.5, top_k=20, top_p=0.9, seed=3)
+    b, _ = model.sample_tokens(labels, cfg=1.5, top_k=20, top_p=0.9, seed=3)
+    c, _ = model.sample_tokens(labels, cfg=1.5, top_k=20, top_p=0.9, seed=4)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert not all(torch.equal(u, v) for u, v in zip(a, c))
+    greedy = [model.sample_tokens(labels, cfg=1.5, top_k=1, seed=s)[0] for s in (0, 1)]
+    assert all(torch.equal(u, v) for u, v in zip(*greedy))
+    img = model.generate(labels, cfg=4.0, top_k=20, top_p=0.9, seed=0, more_smooth=True)
+    assert img.shape == (2, 3, 16, 16) and 0 <= img.min() and img.max() <= 1
+
+
+def test_top_k_top_p_filter_by_hand():
+    logits = torch.tensor([[[1.0, 2.0, 3.0, 4.0]]])
+    kept = gpt.top_k_top_p_filter_(logits.clone(), top_k=2).isfinite()
+    assert kept.tolist() == [[[False, False, True, True]]]
+    p = torch.tensor([0.05, 0.15, 0.3, 0.5])        # top_p 0.75: {0.5, 0.3} reach 0.8
+    kept = gpt.top_k_top_p_filter_(p.log()[None, None], top_p=0.75).isfinite()
+    assert kept.tolist() == [[[False, False, True, True]]]
+    kept = gpt.top_k_top_p_filter_(p.log()[None, None], top_p=0.1).isfinite()
+    assert kept.tolist() == [[[False, False, False, True]]]   # the best token always stays
+
+
+def test_var_zero_shot_editing_forces_the_kept_tokens():
+    """Mask 1 = keep: every token equals the input's; mask 0: only maps of <= 3 tokens."""
+    model = tiny_var()
+    vae, labels = model.vae[0], torch.tensor([1, 2, 3, 4])
+    edit_idx = vae.img_to_idx(images())
+    tokens, _ = model.sample_tokens(labels, top_k=50, seed=0, edit_idx=edit_idx,
+                                    edit_mask=torch.ones(4, 16, 16))
+    assert all(torch.equal(a, b) for a, b in zip(tokens, edit_idx))
+    tokens, _ = model.sample_tokens(labels, top_k=50, seed=0, edit_idx=edit_idx,
+                                    edit_mask=torch.zeros(4, 16, 16))
+    assert torch.equal(tokens[0], edit_idx[0])
+    assert sum(torch.equal(a, b) for a, b in zip(tokens[1:], edit_idx[1:])) == 0
+
+
+def test_var_official_layout_checkpoint_round_trip(tmp_path):
+    """A bare state dict (the official format) loads with the architecture read off it."""
+    model = tiny_var(attn_l2_norm=False)
+    torch.save(model.state_dict(), tmp_path / 'var.pth')
+    loaded = var.VAR.from_checkpoint(tmp_path / 'var.pth', model.vae[0]).eval()
+    assert loaded.config.depth == 2 and not loaded.config.attn_l2_norm
+    x = model.vae[0].idx_to_var_input(model.vae[0].img_to_idx(images()))
+    labels = torch.tensor([0, 1, 2, 3])
+    assert torch.equal(loaded(labels, x), model(labels, x))
+    torch.save(tiny_vqvae().state_dict(), tmp_path / 'vae.pth')
+    with pytest.raises(ValueError, match='not a VAR checkpoint'):
+        var.VAR.from_checkpoint(tmp_path / 'vae.pth', model.vae[0])
 
 
 # --- train.py --------------------------------------------------------------------------------

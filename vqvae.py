@@ -263,9 +263,12 @@ class MultiScaleQuantizer(nn.Module):
         return d.argmin(1).view(B, h, w)
 
     def embed_scale(self, k, idx, H):
-        """h_k = phi_k(up(E[r_k])), idx (B, pn, pn) -> (B, C, H, H). No upsampling at pn == H."""
-        h = self.embedding(idx).permute(0, 3, 1, 2)                               # (B, C, pn, pn)
-        if idx.shape[-1] != H:
+        """h_k = phi_k(up(E[r_k])), idx (B, pn, pn) -> (B, C, H, H)."""
+        return self.upsample_phi(k, self.embedding(idx).permute(0, 3, 1, 2), H)
+
+    def upsample_phi(self, k, h, H):
+        """phi_k(bicubic_up(h)), h (B, C, pn, pn) -> (B, C, H, H). No upsampling at pn == H."""
+        if h.shape[-1] != H:
             h = F.interpolate(h, size=(H, H), mode='bicubic')                    # (B, C, H, H)
         # contiguous (not channels-last) so the convs run the same kernels as the official code
         return self.quant_resi.qresi_ls[self.phi_index[k]](h.contiguous())
@@ -364,11 +367,12 @@ class MultiScaleQuantizer(nn.Module):
             return self.embedding.weight.new_zeros(B, 0, C)
         return torch.cat(out, 1)
 
-    def next_var_input(self, k, f_hat, idx):
-        """VAR inference step: add scale k's tokens idx (B, pn, pn) to f_hat (B, C, H, H);
-        returns the new f_hat and the next scale's input area_down(f_hat, pn_{k+1})."""
+    def next_var_input(self, k, f_hat, h):
+        """VAR inference step: add scale k's code vectors h (B, C, pn, pn), i.e. E[r_k] or a
+        soft mix of codes, to f_hat (B, C, H, H); returns the new f_hat and the next scale's
+        input area_down(f_hat, pn_{k+1})."""
         H = self.patch_nums[-1]
-        f_hat = f_hat + self.embed_scale(k, idx, H)
+        f_hat = f_hat + self.upsample_phi(k, h, H)
         if k == len(self.patch_nums) - 1:
             return f_hat, f_hat
         pn_next = self.patch_nums[k + 1]

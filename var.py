@@ -1,0 +1,233 @@
+"""
+VAR: Visual AutoRegressive modeling by next-scale prediction (Tian et al., NeurIPS 2024,
+arXiv 2404.02905). A GPT-2-like transformer with AdaLN (gpt.py) predicts each whole token map
+r_k of the multi-scale VQVAE (vqvae.py) from all coarser ones (paper Eq. 6):
+
+    p(r_1, ..., r_K) = prod_k p(r_k | r_1, ..., r_{k-1})
+
+Sequence layout (L = sum_k pn_k^2 tokens): position 0 holds the start token (class embedding +
+pos_start); positions of scale k+1 hold word_embed(area_down(f_hat_k, pn_{k+1})), the VQVAE's
+cumulative reconstruction after k scales seen at the next resolution. Every position also gets a
+level embedding (its scale) and a learnt absolute position embedding. A block-causal mask lets a
+token see its own scale and all coarser ones; logits at the positions of scale k predict r_k.
+The class embedding is both the start token and the AdaLN condition; class `num_classes` is the
+null class of classifier-free guidance (labels are dropped to it with prob. cond_drop_rate).
+
+One dial: depth. Width 64 * depth, heads = depth, drop-path 0.1 * depth / 24 (the official
+build_vae_var). Module names match the released var_d16.pth ... var_d36.pth, which load with
+every tensor used: `VAR.from_checkpoint('var_d16.pth', vae)`.
+Deviations: labels are dropped only in training mode; attention is torch SDPA only.
+"""
+import math
+from dataclasses import dataclass, asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import gpt
+
+
+@dataclass
+class VARConfig:
+    depth: int = 16                  # the one dial: width 64*depth, heads = depth
+    num_classes: int = 1000          # classes; id num_classes is the CFG null class
+    patch_nums: tuple = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # must equal the VQVAE's
+    attn_l2_norm: bool = True        # cosine attention with a learnt temperature
+    shared_aln: bool = False         # one AdaLN projection shared by all blocks (d36)
+    mlp_ratio: float = 4.0           # MLP hidden width / width
+    drop_path_rate: float = -1.0     # max stochastic depth; -1: 0.1 * depth / 24
+    cond_drop_rate: float = 0.1      # label -> null class probability in training (CFG)
+    norm_eps: float = 1e-6           # LayerNorm epsilon
+    init_std: float = -1.0           # init of linears/embeddings; -1: sqrt(1 / (3 * width))
+    init_head: float = 0.02          # head weight scale at init
+    init_adaln: float = 0.5          # AdaLN scale/shift rows scale at init
+    init_adaln_gamma: float = 1e-5   # AdaLN gate rows scale at init (near-identity blocks)
+
+
+class VAR(nn.Module):
+    """Next-scale prediction transformer over the token maps of a frozen multi-scale VQVAE."""
+
+    def __init__(self, vae, **kwargs):
+        super().__init__()
+        self.config = cfg = VARConfig(**kwargs)
+        cfg.patch_nums = tuple(cfg.patch_nums)
+        if cfg.patch_nums != tuple(vae.config.patch_nums):
+            raise ValueError(f'VAR patch_nums {cfg.patch_nums} != VQVAE {vae.config.patch_nums}')
+        # a tuple, so the frozen tokenizer is no submodule: not in state_dict, not in DDP
+        self.vae = (vae,)
+        C = self.width = 64 * cfg.depth
+        self.num_classes, self.Cvae = cfg.num_classes, vae.config.z_channels
+        self.V = vae.config.vocab_size
+        self.patch_nums = cfg.patch_nums
+        self.L = sum(pn * pn for pn in cfg.patch_nums)
+        self.first_l = cfg.patch_nums[0] ** 2
+        self.begin_ends = []
+        for pn in cfg.patch_nums:
+            start = self.begin_ends[-1][1] if self.begin_ends else 0
+            self.begin_ends.append((start, start + pn * pn))
+
+        # embeddings: class (start token and condition), word, position, level
+        std = math.sqrt(1 / C / 3)
+        self.class_emb = nn.Embedding(cfg.num_classes + 1, C)
+        self.word_embed = nn.Linear(self.Cvae, C)
+        self.pos_start = nn.Parameter(torch.empty(1, self.first_l, C))
+        self.pos_1LC = nn.Parameter(torch.empty(1, self.L, C))
+        self.lvl_embed = nn.Embedding(len(cfg.patch_nums), C)
+        for p in (self.class_emb.weight, self.pos_start, self.pos_1LC, self.lvl_embed.weight):
+            nn.init.trunc_normal_(p, std=std)
+
+        # blocks
+        dpr = cfg.drop_path_rate if cfg.drop_path_rate >= 0 else 0.1 * cfg.depth / 24
+        dprs = [dpr * i / max(1, cfg.depth - 1) for i in range(cfg.depth)]   # linear in depth
+        self.shared_ada_lin = (nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C)) if cfg.shared_aln
+                               else nn.Identity())
+        self.blocks = nn.ModuleList([
+            gpt.AdaLNBlock(C, cfg.depth, C, cfg.mlp_ratio, cfg.attn_l2_norm, p,
+                           cfg.norm_eps, cfg.shared_aln)
+            for p in dprs])
+        self.head_nm = gpt.AdaLNBeforeHead(C, C, cfg.norm_eps)
+        self.head = nn.Linear(C, self.V)
+
+        # the scale of every position, and the block-causal mask of Eq. 6 (additive, 0 / -inf);
+        # persistent buffers because the official checkpoints contain them
+        lvl = torch.cat([torch.full((pn * pn,), k) for k, pn in enumerate(cfg.patch_nums)])
+        self.register_buffer('lvl_1L', lvl.view(1, self.L))
+        mask = torch.where(lvl[:, None] >= lvl[None, :], 0.0, -torch.inf)           # (L, L)
+        self.register_buffer('attn_bias_for_masking', mask.view(1, 1, self.L, self.L))
+        self.init_weights()
+
+    def init_weights(self):
+        """The official init: truncated normal linears/embeddings, the head scaled down, the
+        residual projections divided by sqrt(2 depth), AdaLN gates near zero."""
+        cfg, C = self.config, self.width
+        std = cfg.init_std if cfg.init_std >= 0 else math.sqrt(1 / C / 3)
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.trunc_normal_(m.weight, std=std)
+                if getattr(m, 'bias', None) is not None:
+                    nn.init.zeros_(m.bias)
+        with torch.no_grad():
+            self.head.weight.mul_(cfg.init_head)
+            self.head_nm.ada_lin[-1].weight.mul_(cfg.init_adaln)
+            for block in self.blocks:
+                block.attn.proj.weight.div_(math.sqrt(2 * cfg.depth))
+                block.ffn.fc2.weight.div_(math.sqrt(2 * cfg.depth))
+                if cfg.shared_aln:   # rows: gamma1, gamma2 | scale1, scale2, shift1, shift2
+                    block.ada_gss[:, :, 2:].mul_(cfg.init_adaln)
+                    block.ada_gss[:, :, :2].mul_(cfg.init_adaln_gamma)
+                else:
+                    block.ada_lin[-1].weight[2 * C:].mul_(cfg.init_adaln)
+                    block.ada_lin[-1].weight[:2 * C].mul_(cfg.init_adaln_gamma)
+
+    def logits(self, h, cond):
+        """AdaLN before head, then the head, in fp32: (B, l, C) -> (B, l, V)."""
+        return self.head(self.head_nm(h.float(), cond).float()).float()
+
+    def forward(self, labels, x):
+        """Teacher forcing. labels (B,), x = vae.idx_to_var_input(idx) (B, L - 1, Cvae)
+        -> logits (B, L, V); position l predicts token l of cat(idx, 1)."""
+        B = x.shape[0]
+        if self.training and self.config.cond_drop_rate > 0:   # CFG: learn p(x) too
+            drop = torch.rand(B, device=labels.device) < self.config.cond_drop_rate
+            labels = torch.where(drop, self.num_classes, labels)
+        with torch.autocast(x.device.type, enabled=False):     # embeddings in fp32
+            cond = self.class_emb(labels)                                          # (B, C)
+            sos = cond[:, None].expand(B, self.first_l, -1) + self.pos_start        # (B, 1, C)
+            h = torch.cat((sos, self.word_embed(x.float())), dim=1)               # (B, L, C)
+            h = h + (self.lvl_embed(self.lvl_1L.expand(B, -1)) + self.pos_1LC)
+        cond_blocks = self.shared_ada_lin(cond)
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(
+            x.device.type) else torch.float32
+        h, mask = h.to(dtype), self.attn_bias_for_masking.to(dtype)
+        for block in self.blocks:
+            h = block(h, cond_blocks, mask)
+        return self.logits(h, cond)
+
+    @torch.no_grad()
+    def sample_tokens(self, labels, cfg=1.5, top_k=0, top_p=0.0, seed=None, more_smooth=False,
+                      edit_idx=None, edit_mask=None):
+        """Generate scale by scale with the kv cache; returns (K token maps (B, pn^2), f_hat).
+
+        Classifier-free guidance on a linear ramp: at scale k of K the logits are
+        (1 + t) cond - t uncond with t = cfg * k / (K - 1), so the 1x1 map is unguided and
+        the last gets the full cfg. Zero-shot editing (VAR Appendix B): where the mask
+        (B, H_img, W_img), 1 = keep, resized bilinearly to pn x pn, is > 0.5, the tokens
+        edit_idx (K x (B, pn^2), from vae.img_to_idx) are teacher-forced instead of sampled;
+        maps of at most 3 tokens are always forced (the official notebook)."""
+        B, K, vae = len(labels), len(self.patch_nums), self.vae[0]
+        quant, H = vae.quantize, self.patch_nums[-1]
+        rng = None if seed is None else torch.Generator(labels.device).manual_seed(seed)
+        cond = self.class_emb(torch.cat((labels, torch.full_like(labels, self.num_classes))))
+        cond_blocks = self.shared_ada_lin(cond)                                   # (2B, C)
+        lvl_pos = self.lvl_embed(self.lvl_1L) + self.pos_1LC                       # (1, L, C)
+        x = (cond[:, None].expand(2 * B, self.first_l, -1) + self.pos_start.expand(
+            2 * B, self.first_l, -1) + lvl_pos[:, :self.first_l])                 # (2B, 1, C)
+        f_hat, idx_list = cond.new_zeros(B, self.Cvae, H, H), []
+        for block in self.blocks:
+            block.attn.kv_cache = []                 # each scale attends to all earlier ones
+        for k, pn in enumerate(self.patch_nums):
+            ratio = k / (K - 1) if K > 1 else 1.0
+            for block in self.blocks:
+                x = block(x, cond_blocks)            # no mask: the cache holds only the past
+            logits = self.logits(x, cond)                                          # (2B, l, V)
+            t = cfg * ratio
+            logits = (1 + t) * logits[:B] - t * logits[B:]                         # (B, l, V)
+            idx = gpt.sample(logits.clone(), top_k, top_p, rng)                    # (B, l)
+            forced = None
+            if edit_idx is not None:
+                keep = F.interpolate(edit_mask[:, None].float(), size=(pn, pn), mode='bilinear')
+                forced = (keep.flatten(1) > 0.5) | (pn * pn <= 3)                 # (B, l)
+                idx = torch.where(forced, edit_idx[k], idx)
+            idx_list.append(idx)
+            if more_smooth:   # soft codes from a Gumbel-softmax (visualisation, not for FID)
+                tau = max(0.27 * (1 - 0.95 * ratio), 0.005)
+                h = gpt.gumbel_softmax(logits * (1 + ratio), tau, rng) @ quant.embedding.weight
+                if forced is not None:
+                    h = torch.where(forced[..., None], quant.embedding(idx), h)
+            else:
+                h = quant.embedding(idx)                                           # (B, l, Cvae)
+            h = h.transpose(1, 2).reshape(B, self.Cvae, pn, pn)
+            f_hat, nxt = quant.next_var_input(k, f_hat, h)
+            if k < K - 1:
+                start, end = self.begin_ends[k + 1]
+                x = self.word_embed(nxt.flatten(2).transpose(1, 2)) + lvl_pos[:, start:end]
+                x = x.repeat(2, 1, 1)                                              # (2B, l', C)
+        for block in self.blocks:
+            block.attn.kv_cache = None
+        return idx_list, f_hat
+
+    @torch.no_grad()
+    def generate(self, labels, cfg=1.5, top_k=0, top_p=0.0, seed=None, more_smooth=False,
+                 edit_idx=None, edit_mask=None):
+        """labels (B,) -> images (B, 3, H, W) in [0, 1]; see sample_tokens for the options.
+        VAR's README: cfg 1.5, top_k 900, top_p 0.96 for FID; cfg 4-5 to look at."""
+        _, f_hat = self.sample_tokens(labels, cfg, top_k, top_p, seed, more_smooth,
+                                      edit_idx, edit_mask)
+        return self.vae[0].fhat_to_img(f_hat).add(1).mul(0.5)
+
+    @classmethod
+    def from_checkpoint(cls, path, vae, use_ema=True):
+        """Load an official var_d{16,20,24,30,36}.pth (a bare state dict; the architecture is
+        read off its shapes) or a `train.py --model var` checkpoint, on top of `vae`."""
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        if 'model' in ckpt and 'config' in ckpt:
+            if ckpt.get('kind') != 'var':
+                raise ValueError(f"{path} is a '{ckpt.get('kind')}' checkpoint, not a var")
+            state, config = (ckpt['ema'] if use_ema and ckpt.get('ema') else ckpt['model'],
+                             ckpt['config'])
+        else:
+            state = ckpt
+            if 'pos_1LC' not in state:
+                raise ValueError(f'{path} is not a VAR checkpoint (no pos_1LC; a VQVAE?)')
+            width = state['pos_1LC'].shape[-1]
+            config = dict(depth=width // 64, num_classes=state['class_emb.weight'].shape[0] - 1,
+                          patch_nums=vae.config.patch_nums,
+                          attn_l2_norm='blocks.0.attn.scale_mul_1H11' in state,
+                          shared_aln='blocks.0.ada_gss' in state)
+        model = cls(vae, **config)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise RuntimeError(f'{path} does not fit VAR({config}):\n{e}') from None
+        return model
