@@ -627,7 +627,7 @@ def tiny_run(out_dir, *extra):
             '--max_iters', '6', '--batch_size', '4', '--total_batch_size', '8',
             '--warmup_iters', '2', '--log_every', '2', '--eval_every', '3', '--eval_images', '8',
             '--sample_every', '3', '--save_every', '100', '--reseed_every', '2',
-            '--device', 'cpu', *extra]
+            '--train_images', '64', '--device', 'cpu', *extra]
 
 
 def test_train_lr_schedule_warmup_then_decay():
@@ -683,6 +683,31 @@ def test_train_skips_unreadable_images_without_crashing(tmp_path):
     assert ckpt['step'] == 6 and ckpt['skipped_files'] >= 1
     assert ckpt['class_names'] == ['cat', 'dog']
     assert 'skipped_files' in open(tmp_path / 'out' / 'log.txt').read()
+
+
+def test_train_var_resumes_exactly_and_logs_per_scale(tmp_path):
+    """VAR on a frozen tiny tokenizer, from cached tokens: 6 steps == 3 + 3 steps, and the log
+    and the final report carry the per-scale loss and accuracy."""
+    vae = tiny_vqvae()
+    train.save_checkpoint(str(tmp_path / 'vae.pt'), dict(
+        kind='vqvae', config=vqvae.asdict(vae.config), model=vae.state_dict(), ema=None))
+    run = lambda out, *extra: train.main(train.get_args(tiny_run(
+        tmp_path / out, '--model', 'var', '--vae', str(tmp_path / 'vae.pt'), '--depth', '2',
+        '--lr', '1e-3', *extra)))
+    whole = run('a')
+    run('b', '--stop_after', '3')
+    resumed = run('b', '--stop_after', '3')
+    for (k, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+    log = open(tmp_path / 'b' / 'log.txt').read().splitlines()
+    assert [line.split()[:2] for line in log if line.startswith('eval')] == [['eval', '3'],
+                                                                           ['eval', '6']]
+    assert len(log[-1].split(' acc ')[1].split(' loss ')[0].split()) == 6   # one per scale
+    assert (tmp_path / 'b' / 'samples_000006.png').exists()
+    ckpt = torch.load(tmp_path / 'b' / 'ckpt.pt', weights_only=True)
+    assert ckpt['kind'] == 'var' and ckpt['config']['num_classes'] == 10
+    loaded = var.VAR.from_checkpoint(tmp_path / 'b' / 'ckpt.pt', vae)
+    assert all(torch.equal(v, ckpt['model'][k]) for k, v in loaded.state_dict().items())
 
 
 DDP_WORKER = """

@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
+import var
 import vqvae
 
 # Architecture presets; any flag given on the command line overrides its preset value.
@@ -37,14 +38,28 @@ VQVAE_PRESETS = {
     'tiny': dict(vocab_size=512, z_channels=16, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1),
     'var': dict(vocab_size=4096, z_channels=32, ch=160, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2),
 }
-# Per-model defaults of flags left unset.
-MODEL_DEFAULTS = {'vqvae': dict(weight_decay=0.0, beta1=0.5, beta2=0.9)}
+# Per-model defaults of flags left unset: VQGAN's Adam for the tokenizer, VAR's recipe
+# (AdamW (0.9, 0.95), wd 0.05, lr 1e-4 per 256 images, warmup 2%, linear decay) for VAR.
+MODEL_DEFAULTS = {
+    'vqvae': dict(weight_decay=0.0, beta1=0.5, beta2=0.9, lr_schedule='cosine', warmup_iters=50),
+    'var': dict(weight_decay=0.05, beta1=0.9, beta2=0.95, lr_schedule='linear'),
+}
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     g = p.add_argument_group('model')
-    g.add_argument('--model', choices=['vqvae'], default='vqvae', help='what to train')
+    g.add_argument('--model', choices=['vqvae', 'var'], default='vqvae', help='what to train')
+    g.add_argument('--depth', type=int, default=16,
+                   help='VAR: blocks; width 64*depth, heads = depth (paper: 16, 20, 24, 30)')
+    g.add_argument('--vae', default='out/vqvae/ckpt.pt',
+                   help='VAR: the frozen tokenizer, a train.py checkpoint or vae_ch160v4096z32.pth')
+    g.add_argument('--cache_tokens', action=argparse.BooleanOptionalAction, default=True,
+                   help='VAR: tokenize the data once (eval crops) instead of every batch')
+    g.add_argument('--label_smooth', type=float, default=0.0, help='VAR: label smoothing')
+    g.add_argument('--cfg', type=float, default=4.0, help='VAR: guidance of the sample grids')
+    g.add_argument('--top_k', type=int, default=0, help='VAR: top-k of the sample grids')
+    g.add_argument('--top_p', type=float, default=0.0, help='VAR: top-p of the sample grids')
     g.add_argument('--vae_preset', choices=list(VQVAE_PRESETS), default=None,
                    help="tokenizer size: 'tiny' (default up to 64 px) or 'var' = the released "
                         "vae_ch160v4096z32 (default above 64 px)")
@@ -73,20 +88,22 @@ def get_args(argv=None):
     g.add_argument('--resolution', type=int, default=32, help='image side in pixels')
     g.add_argument('--hflip', action=argparse.BooleanOptionalAction, default=False,
                    help='random horizontal flips')
+    g.add_argument('--train_images', type=int, default=0,
+                   help='use only this many training images (0 = all), for quick experiments')
     g.add_argument('--num_workers', type=int, default=-1,
                    help='data loader processes per GPU (-1: 0 for builtin, else min(8, cores))')
     g = p.add_argument_group('optimisation')
     g.add_argument('--max_iters', type=int, default=400, help='optimizer steps in all')
     g.add_argument('--total_batch_size', type=int, default=32, help='images per optimizer step')
     g.add_argument('--batch_size', type=int, default=32, help='micro-batch per GPU')
-    g.add_argument('--lr', type=float,
-                   help='peak learning rate (AdamW); default 1e-3 tiny, 2e-4 var preset')
+    g.add_argument('--lr', type=float, help='peak learning rate (AdamW); default: vqvae 1e-3 '
+                   "(tiny) or 2e-4 ('var' preset), var 1e-4 * total_batch_size / 256")
     g.add_argument('--weight_decay', type=float, help='decoupled weight decay of matrices')
     g.add_argument('--beta1', type=float, help='AdamW beta1')
     g.add_argument('--beta2', type=float, help='AdamW beta2')
-    g.add_argument('--warmup_iters', type=int, default=50, help='linear warmup steps')
-    g.add_argument('--lr_schedule', choices=['cosine', 'linear', 'constant'], default='cosine',
-                   help='decay after warmup')
+    g.add_argument('--warmup_iters', type=int, help='linear warmup steps (var: 2%% of all)')
+    g.add_argument('--lr_schedule', choices=['cosine', 'linear', 'constant'],
+                   help='decay after warmup (vqvae cosine, var linear)')
     g.add_argument('--min_lr_ratio', type=float, default=0.1, help='final lr / peak lr')
     g.add_argument('--grad_clip', type=float, default=2.0, help='max grad norm (0 = off)')
     g.add_argument('--ema', type=float, default=0.0, help='EMA decay of weights (0 = off)')
@@ -98,7 +115,7 @@ def get_args(argv=None):
                    help='torch.compile the model (default: on with CUDA)')
     g.add_argument('--seed', type=int, default=0, help='seed of init, data order and sampling')
     g = p.add_argument_group('output')
-    g.add_argument('--out_dir', default='out/vqvae', help='checkpoint, log and images go here')
+    g.add_argument('--out_dir', help='checkpoint, log and images go here (out/<model>)')
     g.add_argument('--resume', choices=['auto', 'never'], default='auto',
                    help='auto: continue from <out_dir>/ckpt.pt when it exists')
     g.add_argument('--log_every', type=int, default=50, help='steps between log lines')
@@ -109,9 +126,14 @@ def get_args(argv=None):
     g.add_argument('--stop_after', type=int, default=0,
                    help='exit after this many steps in this run (checkpointed; rerun resumes)')
     args = p.parse_args(argv)
+    args.out_dir = args.out_dir or os.path.join('out', args.model)
     args.vae_preset = args.vae_preset or ('tiny' if args.resolution <= 64 else 'var')
-    if args.lr is None:   # VQGAN-like rates: the tiny model takes a higher one
+    if args.lr is None and args.model == 'vqvae':   # VQGAN-like: the tiny model takes more
         args.lr = 1e-3 if args.vae_preset == 'tiny' else 2e-4
+    elif args.lr is None:
+        args.lr = 1e-4 * args.total_batch_size / 256
+    if args.warmup_iters is None and args.model == 'var':
+        args.warmup_iters = args.max_iters // 50
     for k, v in MODEL_DEFAULTS[args.model].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -155,12 +177,15 @@ def lr_at(step, args):
     return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * decay[args.lr_schedule])
 
 
+NO_DECAY = ('embedding', 'class_emb', 'lvl_embed', 'pos_start', 'pos_1LC', 'scale_mul', 'ada_gss')
+
+
 def make_optimizer(model, args):
-    """AdamW; no weight decay on vectors (norms, biases) and the codebook."""
+    """AdamW; no weight decay on vectors (norms, biases), embeddings, positions, temperatures."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 or 'embedding' in name else decay).append(p)
+            (no_decay if p.ndim < 2 or any(n in name for n in NO_DECAY) else decay).append(p)
     groups = [dict(params=decay, weight_decay=args.weight_decay),
               dict(params=no_decay, weight_decay=0.0)]
     return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2))
@@ -233,7 +258,8 @@ def evaluate(model, val_set, args, device, rank, world, ctx):
     model.train()
     count = sums[3].clamp_min(1)
     return dict(l2=(sums[0] / count * 4).item(), psnr=(sums[1] / count).item(),
-                vq=(sums[2] / count).item(), codes=((hits > 0).float().mean(1) * 100).tolist())
+                vq=(sums[2] / count).item(),
+                **{'codes%': ((hits > 0).float().mean(1) * 100).tolist()})
 
 
 @torch.no_grad()
@@ -246,6 +272,118 @@ def save_reconstructions(model, val_set, path, device, n=8):
     rows = [img] + [model.idx_to_img(idx[:k]) for k in range(1, len(idx) + 1)]
     data.save_image_grid(torch.cat(rows).float().cpu(), path, nrow=len(img))
     model.train()
+
+
+# ----------------------------------------------------------------------------------------------
+# The VAR task: tokens, loss, validation, samples
+
+class TokenDataset(torch.utils.data.Dataset):
+    """Cached token sequences (N, L) with labels, served like images: (tokens, label, 0)."""
+
+    def __init__(self, tokens, labels):
+        self.tokens, self.labels = tokens, labels
+
+    def __len__(self):
+        return len(self.tokens)
+
+    def __getitem__(self, i):
+        return self.tokens[i].long(), self.labels[i], 0
+
+
+@torch.no_grad()
+def tokenize(vae, dataset, path, args, device, rank, world, limit=None):
+    """Tokenize a dataset once with the frozen VQVAE (eval crops, so no augmentation), each rank
+    a slice, gathered on every rank and cached in `path`: a TokenDataset of (N, L) ids."""
+    if os.path.exists(path):
+        cache = torch.load(path, map_location='cpu', weights_only=True)
+        return TokenDataset(cache['tokens'], cache['labels'])
+    n = min(len(dataset), limit or len(dataset))
+    mine = range(rank, n, world)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine), args.batch_size,
+                                         num_workers=args.num_workers)
+    tokens, labels = [], []
+    for img, label, _ in tqdm(loader, desc=f'tokenizing {n} images', disable=rank != 0):
+        tokens.append(torch.cat(vae.img_to_idx(img.to(device)), 1).cpu())           # (B, L)
+        labels.append(label)
+    tokens, labels = torch.cat(tokens), torch.cat(labels)
+    if world > 1:   # rank r holds items r, r + world, ...: gather and interleave
+        per_rank = math.ceil(n / world)
+        pad = lambda t: torch.cat([t, t.new_zeros(per_rank - len(t), *t.shape[1:])])
+        gathered = [[torch.zeros_like(pad(t)) for _ in range(world)] for t in (tokens, labels)]
+        for g, t in zip(gathered, (tokens, labels)):
+            dist.all_gather(g, pad(t))
+        tokens = torch.stack(gathered[0], 1).flatten(0, 1)[:n]
+        labels = torch.stack(gathered[1], 1).flatten(0, 1)[:n]
+    dtype = torch.int16 if vae.config.vocab_size <= 32767 else torch.int32
+    if rank == 0:
+        save_checkpoint(path, dict(tokens=tokens.to(dtype), labels=labels))
+    return TokenDataset(tokens.to(dtype), labels)
+
+
+def var_loss(model, vae, batch, args, device, with_parts=True):
+    """Cross-entropy over all L tokens (mean, as the official trainer), and per scale the
+    loss and the accuracy. batch: cached tokens (B, L) or images (tokenized here)."""
+    data_, labels = batch[0].to(device, non_blocking=True), batch[1].to(device)
+    if data_.ndim == 4:    # images: tokenize now (random crops included)
+        data_ = torch.cat(vae.img_to_idx(data_), 1)                                 # (B, L)
+    idx = data_.split([pn * pn for pn in vae.config.patch_nums], dim=1)           # K x (B, l)
+    x = vae.idx_to_var_input(idx)                                                   # (B, L-1, C)
+    logits = model(labels, x)                                                       # (B, L, V)
+    ce = F.cross_entropy(logits.flatten(0, 1), data_.flatten(), reduction='none',
+                         label_smoothing=args.label_smooth).view(data_.shape)       # (B, L)
+    parts = {}
+    if with_parts:
+        hit = (logits.detach().argmax(-1) == data_).float()
+        start = 0
+        for k, pn in enumerate(vae.config.patch_nums):
+            parts[f'ce_{k}'] = ce[:, start:start + pn * pn].detach().mean()
+            parts[f'acc_{k}'] = hit[:, start:start + pn * pn].mean() * 100
+            start += pn * pn
+    return ce.mean(), parts
+
+
+@torch.no_grad()
+def evaluate_var(model, vae, val_set, args, device, rank, world, ctx):
+    """Teacher-forced held-out cross-entropy and accuracy, overall and per scale."""
+    model.eval()
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(val_set, range(rank, min(len(val_set), args.eval_images), world)),
+        args.batch_size)
+    sums, count = {}, torch.zeros((), device=device)
+    for batch in loader:
+        with ctx:
+            loss, parts = var_loss(model, vae, batch, args, device)
+        for k, v in dict(parts, loss=loss).items():
+            sums[k] = sums.get(k, 0.0) + v.float() * len(batch[0])
+        count += len(batch[0])
+    stats = torch.stack(list(sums.values()) + [count])
+    if world > 1:
+        dist.all_reduce(stats)
+    model.train()
+    return {k: v / stats[-1].item() for k, v in zip(sums, stats[:-1].tolist())}
+
+
+@torch.no_grad()
+def save_samples(model, path, args, num_classes, device, per_class=4):
+    """A grid of generated images: one column per class (at most 10), per_class rows."""
+    model.eval()
+    classes = torch.arange(min(num_classes, 10), device=device)
+    labels = classes.repeat(per_class)                                             # row-major
+    img = model.generate(labels, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    data.save_image_grid(img.float().cpu() * 2 - 1, path, nrow=len(classes))
+    model.train()
+
+
+def format_stats(stats):
+    """{'l2': 0.1, 'acc_0': 5, 'acc_1': 7, 'usage%': [..]} -> 'l2 0.1 acc 5 7 usage% ..': the
+    numbered keys (per scale) are grouped, so a log line stays one greppable line."""
+    groups = {}
+    for k, v in stats.items():
+        name, _, index = k.rpartition('_')
+        name = name if index.isdigit() else k
+        groups.setdefault(name, []).extend(v if isinstance(v, list) else [v])
+    fmt = lambda v: f'{v:.4g}' if abs(v) < 100 else f'{v:.0f}'
+    return ' '.join(f"{k} {' '.join(fmt(v) for v in vs)}" for k, vs in groups.items())
 
 
 def save_checkpoint(path, state):
@@ -271,8 +409,10 @@ def main(args):
     if args.num_workers < 0:
         args.num_workers = 0 if args.data == 'builtin' else min(8, (os.cpu_count() or 1) // world)
     print0 = print if master else (lambda *a, **k: None)
-    train_set = data.build_dataset(args.data, args.resolution, True, args.hflip, args.seed)
+    train_set = data.build_dataset(args.data, args.resolution, True, args.hflip, args.seed,
+                                   size=args.train_images or None)
     val_set = data.build_dataset(args.data, args.resolution, False, seed=args.seed)
+    class_names = train_set.class_names
     print0(f'data: {len(train_set)} train / {len(val_set)} val images, '
            f'{train_set.num_classes} classes; {world} process(es) x {args.batch_size} x {accum} '
            f'accumulation = {args.total_batch_size} images per step; device {device} {args.dtype}')
@@ -284,16 +424,29 @@ def main(args):
     if args.resume == 'auto' and os.path.exists(ckpt_path):
         ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
         print0(f'resuming from {ckpt_path} at step {ckpt["step"]}')
-    config = vqvae_config(args)
+    vae = None
+    if args.model == 'var':   # the frozen tokenizer, and the data as its tokens
+        vae = vqvae.VQVAE.from_checkpoint(args.vae).to(device).eval().requires_grad_(False)
+        if args.cache_tokens:
+            train_set = tokenize(vae, train_set, os.path.join(args.out_dir, 'tokens_train.pt'),
+                                 args, device, rank, world)
+            val_set = tokenize(vae, val_set, os.path.join(args.out_dir, 'tokens_val.pt'),
+                               args, device, rank, world, limit=args.eval_images)
+        config = asdict(var.VARConfig(depth=args.depth, num_classes=len(class_names),
+                                      patch_nums=vae.config.patch_nums))
+        build = lambda: var.VAR(vae, **config)
+    else:
+        config = vqvae_config(args)
+        build = lambda: vqvae.VQVAE(**config)
     if ckpt is not None and ckpt['config'] != config:
         changed = {k: v for k, v in ckpt['config'].items() if config.get(k) != v}
         print0(f'architecture taken from the checkpoint, not the flags: {changed}')
         config = ckpt['config']
     torch.manual_seed(args.seed)   # same init on every rank
-    raw = vqvae.VQVAE(**config).to(device)
-    print0(f'vqvae: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters, '
+    raw = build().to(device)
+    print0(f'{args.model}: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters, '
            f'{config}')
-    ema = vqvae.VQVAE(**config).to(device).requires_grad_(False) if args.ema > 0 else None
+    ema = build().to(device).requires_grad_(False) if args.ema > 0 else None
     optimizer = make_optimizer(raw, args)
     disc = None
     if args.disc_weight > 0:   # VQGAN's 3 layers; fewer for tiny images (patches must fit)
@@ -328,14 +481,22 @@ def main(args):
         disc = DDP(disc) if disc is not None else None
     disc_raw = disc.module if isinstance(disc, DDP) else disc
     eval_model = ema if ema is not None else raw   # validation and pictures use the EMA
+    if vae is None:
+        validate = lambda: evaluate(eval_model, val_set, args, device, rank, world, ctx)
+        picture = lambda path: save_reconstructions(eval_model, val_set, path, device)
+        picture_name = 'recon'
+    else:
+        validate = lambda: evaluate_var(eval_model, vae, val_set, args, device, rank, world, ctx)
+        picture = lambda path: save_samples(eval_model, path, args, len(class_names), device)
+        picture_name = 'samples'
 
     def checkpoint():
         if master:
             save_checkpoint(ckpt_path, dict(
-                kind='vqvae', config=config, model=raw.state_dict(),
+                kind=args.model, config=config, model=raw.state_dict(), vae=args.vae if vae else None,
                 ema=ema.state_dict() if ema is not None else None,
                 optimizer=optimizer.state_dict(), step=step, data_cursor=list(cursor),
-                skipped_files=skipped, args=vars(args), class_names=train_set.class_names,
+                skipped_files=skipped, args=vars(args), class_names=class_names,
                 disc=disc_raw.state_dict() if disc is not None else None,
                 disc_optimizer=disc_opt.state_dict() if disc is not None else None,
                 scaler=scaler.state_dict()))
@@ -361,12 +522,15 @@ def main(args):
             for group in (opt.param_groups if opt is not None else []):
                 group['lr'] = lr
         for micro in range(accum):
-            cursor, (img, _, n_bad) = next(batches)
-            img, skipped = img.to(device, non_blocking=True), skipped + int(n_bad.sum())
+            cursor, batch = next(batches)
+            img, skipped = batch[0].to(device, non_blocking=True), skipped + int(batch[2].sum())
             sync = micro == accum - 1   # important! all-reduce gradients on the last micro-step
             with model.no_sync() if world > 1 and not sync else nullcontext():
                 with ctx:
-                    loss, parts, rec = vqvae_loss(model, raw, img, step, args, disc_raw, lpips)
+                    if vae is not None:
+                        loss, parts = var_loss(model, vae, batch, args, device)
+                    else:
+                        loss, parts, rec = vqvae_loss(model, raw, img, step, args, disc_raw, lpips)
                 scaler.scale(loss / accum).backward()
             if disc is not None and step >= args.disc_start:
                 disc_raw.requires_grad_(True)
@@ -391,7 +555,7 @@ def main(args):
                 e.lerp_(p, 1 - args.ema) if e.is_floating_point() else e.copy_(p)
         step += 1
         bar.update(1)
-        if args.reseed_every and step % args.reseed_every == 0:
+        if vae is None and args.reseed_every and step % args.reseed_every == 0:
             with torch.no_grad(), ctx:
                 n_dead = raw.quantize.reseed_dead_codes(raw.encode(img))
             sums['reseeded'] = sums.get('reseeded', 0.0) + torch.tensor(float(n_dead))
@@ -401,36 +565,40 @@ def main(args):
             if world > 1:   # .item() below syncs; average over ranks first
                 dist.all_reduce(stats, op=dist.ReduceOp.AVG)
             n, last_log = step - last_log, step
-            text = ' '.join(f'{k} {v / (1 if k == "reseeded" else n):.4g}'
-                            for k, v in zip(sums, stats.tolist()))
-            usage = ' '.join(f'{u:.0f}' for u in raw.quantize.usage().tolist())
-            dt = (time.time() - t0) / n
-            log(f'step {step} {text} lr {lr:.3g} usage% {usage} ms/step {dt * 1000:.0f}'
+            mean = {k: v / (1 if k == 'reseeded' else n) for k, v in zip(sums, stats.tolist())}
+            if vae is None:
+                mean['usage%'] = raw.quantize.usage().tolist()
+            log(f'step {step} {format_stats(mean)} lr {lr:.3g} '
+                f'ms/step {(time.time() - t0) / n * 1000:.0f}'
                 + (f' skipped_files {skipped}' if skipped else ''))
             bar.set_postfix(loss=f"{stats[list(sums).index('loss')].item() / n:.4f}")
             sums, t0 = {}, time.time()
         last = step == args.max_iters or (args.stop_after and step - start >= args.stop_after)
         if step % args.eval_every == 0 or last:
-            r = evaluate(eval_model, val_set, args, device, rank, world, ctx)
-            log(f"eval {step} l2 {r['l2']:.4f} psnr {r['psnr']:.2f} vq {r['vq']:.4f} "
-                f"codes% {' '.join(f'{c:.1f}' for c in r['codes'])}")
+            r = validate()
+            log(f'eval {step} {format_stats(r)}')
         if master and (step % args.sample_every == 0 or last):
-            grid = os.path.join(args.out_dir, f'recon_{step:06d}.png')
-            save_reconstructions(eval_model, val_set, grid, device)
+            picture(os.path.join(args.out_dir, f'{picture_name}_{step:06d}.png'))
         if step % args.save_every == 0 or last:
             checkpoint()
         if last:
             break
     bar.close()
     if step - start == 0:   # already done: report the finished run again
-        r = evaluate(eval_model, val_set, args, device, rank, world, ctx)
+        r = validate()
     if master:
-        scales = ', '.join(f'{pn}x{pn}: {c:.1f}%'
-                           for pn, c in zip(config['patch_nums'], r['codes']))
-        grid = os.path.join(args.out_dir, f'recon_{step:06d}.png')
-        print(f'\nheld-out reconstruction PSNR {r["psnr"]:.2f} dB (l2 {r["l2"]:.4f}) after {step} '
-              f'steps\ncodebook used per scale on held-out images: {scales}\n'
-              f'checkpoint {ckpt_path}\nreconstructions {grid}\nlog {log_path}'
+        per_scale = lambda v: ', '.join(f'{pn}x{pn}: {c:.1f}%'
+                                        for pn, c in zip(config['patch_nums'], v))
+        if vae is None:
+            print(f'\nheld-out reconstruction PSNR {r["psnr"]:.2f} dB (l2 {r["l2"]:.4f}) after '
+                  f'{step} steps\ncodebook used per scale on held-out images: '
+                  f'{per_scale(r["codes%"])}')
+        else:
+            accs = [r[f'acc_{k}'] for k in range(len(config['patch_nums']))]
+            print(f'\nheld-out cross-entropy {r["loss"]:.3f} after {step} steps; token accuracy '
+                  f'per scale: {per_scale(accs)}')
+        print(f'checkpoint {ckpt_path}\n{picture_name} '
+              f'{os.path.join(args.out_dir, f"{picture_name}_{step:06d}.png")}\nlog {log_path}'
               + (f'\n{skipped} unreadable files were skipped' if skipped else ''))
     if world > 1:
         dist.destroy_process_group()
