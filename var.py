@@ -79,7 +79,7 @@ class VAR(nn.Module):
 
         # blocks
         dpr = cfg.drop_path_rate if cfg.drop_path_rate >= 0 else 0.1 * cfg.depth / 24
-        dprs = [dpr * i / max(1, cfg.depth - 1) for i in range(cfg.depth)]   # linear in depth
+        dprs = torch.linspace(0, dpr, cfg.depth, device='cpu').tolist()   # linear in depth
         self.shared_ada_lin = (nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C)) if cfg.shared_aln
                                else nn.Identity())
         self.blocks = nn.ModuleList([
@@ -173,14 +173,14 @@ class VAR(nn.Module):
             logits = self.logits(x, cond)                                          # (2B, l, V)
             t = cfg * ratio
             logits = (1 + t) * logits[:B] - t * logits[B:]                         # (B, l, V)
-            idx = gpt.sample(logits.clone(), top_k, top_p, rng)                    # (B, l)
+            idx = gpt.sample(logits, top_k, top_p, rng)   # filters logits in place  (B, l)
             forced = None
             if edit_idx is not None:
                 keep = F.interpolate(edit_mask[:, None].float(), size=(pn, pn), mode='bilinear')
                 forced = (keep.flatten(1) > 0.5) | (pn * pn <= 3)                 # (B, l)
                 idx = torch.where(forced, edit_idx[k], idx)
             idx_list.append(idx)
-            if more_smooth:   # soft codes from a Gumbel-softmax (visualisation, not for FID)
+            if more_smooth:   # soft codes from a Gumbel-softmax of the filtered logits
                 tau = max(0.27 * (1 - 0.95 * ratio), 0.005)
                 h = gpt.gumbel_softmax(logits * (1 + ratio), tau, rng) @ quant.embedding.weight
                 if forced is not None:

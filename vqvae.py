@@ -262,16 +262,17 @@ class MultiScaleQuantizer(nn.Module):
         d = torch.addmm(d, z, E.T, beta=1, alpha=-2)
         return d.argmin(1).view(B, h, w)
 
-    def embed_scale(self, k, idx, H):
-        """h_k = phi_k(up(E[r_k])), idx (B, pn, pn) -> (B, C, H, H)."""
-        return self.upsample_phi(k, self.embedding(idx).permute(0, 3, 1, 2), H)
-
-    def upsample_phi(self, k, h, H):
-        """phi_k(bicubic_up(h)), h (B, C, pn, pn) -> (B, C, H, H). No upsampling at pn == H."""
+    def upsample_phi(self, k, h, H, contiguous=False):
+        """phi_k(bicubic_up(h)), h (B, C, pn, pn) -> (B, C, H, H). No upsampling at pn == H.
+        The official code makes h contiguous on the encode path only, and feeds the conv a
+        channels-last view elsewhere; we follow it, so that results are bit-identical."""
         if h.shape[-1] != H:
             h = F.interpolate(h, size=(H, H), mode='bicubic')                    # (B, C, H, H)
-        # contiguous (not channels-last) so the convs run the same kernels as the official code
-        return self.quant_resi.qresi_ls[self.phi_index[k]](h.contiguous())
+        return self.quant_resi.qresi_ls[self.phi_index[k]](h.contiguous() if contiguous else h)
+
+    def embed_tokens(self, idx, pn):
+        """Code vectors of a token map: idx (B, pn*pn) -> E[idx] as (B, C, pn, pn)."""
+        return self.embedding(idx).transpose(1, 2).view(len(idx), -1, pn, pn)
 
     def residual_steps(self, f):
         """Alg. 1: yields (z_k, r_k, h_k) scale by scale: the downsampled residual z_k
@@ -284,7 +285,7 @@ class MultiScaleQuantizer(nn.Module):
         for k, pn in enumerate(self.patch_nums):
             z = F.interpolate(f_rest, size=(pn, pn), mode='area') if pn != H else f_rest
             idx = self.nearest_code(z)                                            # (B, pn, pn)
-            h = self.embed_scale(k, idx, H)                                       # (B, C, H, W)
+            h = self.upsample_phi(k, self.embedding(idx).permute(0, 3, 1, 2), H, True)  # (B,C,H,W)
             f_rest = f_rest - h.detach()
             yield z, idx, h
 
@@ -347,24 +348,24 @@ class MultiScaleQuantizer(nn.Module):
     def idx_to_fhat(self, idx_list, H):
         """Alg. 2: f_hat = sum_k phi_k(up(E[r_k])) over the given scales (a prefix of K scales
         gives the coarse reconstruction). idx_list: k x (B, pn*pn) -> (B, C, H, H), fp32."""
-        f_hat = 0.0
+        B, C = idx_list[0].shape[0], self.embedding.embedding_dim
+        f_hat = self.embedding.weight.new_zeros(B, C, H, H)
         for k, idx in enumerate(idx_list):
-            pn = self.patch_nums[k]
-            f_hat = f_hat + self.embed_scale(k, idx.view(-1, pn, pn), H)
+            f_hat.add_(self.upsample_phi(k, self.embed_tokens(idx, self.patch_nums[k]), H))
         return f_hat
 
     def idx_to_var_input(self, idx_list):
         """Teacher-forcing input of VAR: for k = 1..K-1, area_down(f_hat_{k-1}, pn_{k+1}), where
         f_hat_{k-1} sums the first k scales. K x (B, pn_k^2) -> (B, L - pn_1^2, C)."""
-        H, f_hat, out = self.patch_nums[-1], 0.0, []
+        B, C = idx_list[0].shape[0], self.embedding.embedding_dim
+        H, out = self.patch_nums[-1], []
+        f_hat = self.embedding.weight.new_zeros(B, C, H, H)
         for k, pn_next in enumerate(self.patch_nums[1:]):
-            pn = self.patch_nums[k]
-            f_hat = f_hat + self.embed_scale(k, idx_list[k].view(-1, pn, pn), H)  # (B, C, H, H)
+            f_hat.add_(self.upsample_phi(k, self.embed_tokens(idx_list[k], self.patch_nums[k]), H))
             nxt = F.interpolate(f_hat, size=(pn_next, pn_next), mode='area')     # (B, C, pn', pn')
             out.append(nxt.flatten(2).transpose(1, 2))                             # (B, pn'^2, C)
         if not out:   # a single scale: VAR has nothing to teacher-force after the start token
-            B, C = idx_list[0].shape[0], self.embedding.embedding_dim
-            return self.embedding.weight.new_zeros(B, 0, C)
+            return f_hat.new_zeros(B, 0, C)
         return torch.cat(out, 1)
 
     def next_var_input(self, k, f_hat, h):
