@@ -19,6 +19,7 @@ from PIL import Image
 
 import data
 import gpt
+import sample
 import train
 import var
 import vqvae
@@ -617,6 +618,38 @@ def test_var_official_layout_checkpoint_round_trip(tmp_path):
     torch.save(tiny_vqvae().state_dict(), tmp_path / 'vae.pth')
     with pytest.raises(ValueError, match='not a VAR checkpoint'):
         var.VAR.from_checkpoint(tmp_path / 'vae.pth', model.vae[0])
+
+
+# --- sample.py ---------------------------------------------------------------------------------
+
+def test_sample_npz_grid_and_zero_shot_edit(tmp_path):
+    """The .npz is uint8 NHWC `arr_0` with labels i % classes; a mask that keeps everything
+    makes the edit reproduce the input image's own reconstruction exactly."""
+    model = tiny_var()
+    vae = model.vae[0]
+    train.save_checkpoint(str(tmp_path / 'vae.pt'), dict(
+        kind='vqvae', config=vqvae.asdict(vae.config), model=vae.state_dict(), ema=None))
+    train.save_checkpoint(str(tmp_path / 'var.pt'), dict(
+        kind='var', config=vqvae.asdict(model.config), model=model.state_dict(), ema=None,
+        vae=str(tmp_path / 'vae.pt'), class_names=[f'c{i}' for i in range(10)]))
+    run = lambda *a: sample.main(sample.get_args(['--ckpt', str(tmp_path / 'var.pt'),
+                                                  '--device', 'cpu', *a]))
+    run('--num_samples', '7', '--batch_size', '3', '--npz', str(tmp_path / 's.npz'))
+    npz = np.load(tmp_path / 's.npz')
+    assert npz['arr_0'].shape == (7, 16, 16, 3) and npz['arr_0'].dtype == np.uint8
+    assert npz['labels'].tolist() == [0, 1, 2, 3, 4, 5, 6]
+    assert not list(tmp_path.glob('*.rank*'))                     # shards cleaned up
+    img = (images(1, 16, seed=5)[0].permute(1, 2, 0).numpy() + 1) * 127.5
+    Image.fromarray(img.round().astype(np.uint8)).save(tmp_path / 'in.png')
+    Image.new('L', (16, 16), 0).save(tmp_path / 'keep_all.png')
+    run('--classes', '1,2', '--per_class', '1', '--edit_image', str(tmp_path / 'in.png'),
+        '--edit_mask', str(tmp_path / 'keep_all.png'), '--out', str(tmp_path / 'edit.png'))
+    grid = np.asarray(Image.open(tmp_path / 'edit.png'))
+    assert grid.shape == (20, 38, 3)                              # 1 row x 2 columns, padding 2
+    x = sample.load_image(str(tmp_path / 'in.png'), 16)[None] * 2 - 1
+    expected = data.to_uint8(vae.idx_to_img(vae.img_to_idx(x)))[0]
+    assert np.abs(grid[2:18, 2:18].astype(int) - expected).max() <= 1
+    assert np.abs(grid[2:18, 20:36].astype(int) - expected).max() <= 1
 
 
 # --- train.py --------------------------------------------------------------------------------

@@ -126,8 +126,9 @@ class VAR(nn.Module):
 
     def forward(self, labels, x):
         """Teacher forcing. labels (B,), x = vae.idx_to_var_input(idx) (B, L - 1, Cvae)
-        -> logits (B, L, V); position l predicts token l of cat(idx, 1)."""
-        B = x.shape[0]
+        -> logits (B, L, V); position l predicts token l of cat(idx, 1). A prefix of x
+        (the first scales only) gives the logits of that prefix."""
+        B, n = x.shape[0], x.shape[1] + self.first_l
         if self.training and self.config.cond_drop_rate > 0:   # CFG: learn p(x) too
             drop = torch.rand(B, device=labels.device) < self.config.cond_drop_rate
             labels = torch.where(drop, self.num_classes, labels)
@@ -135,11 +136,11 @@ class VAR(nn.Module):
             cond = self.class_emb(labels)                                          # (B, C)
             sos = cond[:, None].expand(B, self.first_l, -1) + self.pos_start        # (B, 1, C)
             h = torch.cat((sos, self.word_embed(x.float())), dim=1)               # (B, L, C)
-            h = h + (self.lvl_embed(self.lvl_1L.expand(B, -1)) + self.pos_1LC)
+            h = h + (self.lvl_embed(self.lvl_1L[:, :n].expand(B, -1)) + self.pos_1LC[:, :n])
         cond_blocks = self.shared_ada_lin(cond)
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(
             x.device.type) else torch.float32
-        h, mask = h.to(dtype), self.attn_bias_for_masking.to(dtype)
+        h, mask = h.to(dtype), self.attn_bias_for_masking[:, :, :n, :n].to(dtype)
         for block in self.blocks:
             h = block(h, cond_blocks, mask)
         return self.logits(h, cond)

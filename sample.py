@@ -1,0 +1,121 @@
+"""
+Images from a trained VAR: class-conditional grids, N samples packed as `.npz` for FID, and
+zero-shot editing (VAR Appendix B: in-painting, out-painting, class-conditional editing).
+
+    python sample.py --ckpt out/var/ckpt.pt                           # grid of every class
+    python sample.py --ckpt var_d16.pth --vae vae_ch160v4096z32.pth --classes 207,360,387,974 \
+        --cfg 4 --top_k 900 --top_p 0.95 --more_smooth               # the official weights
+    torchrun --nproc_per_node=8 sample.py --ckpt var_d16.pth --vae vae_ch160v4096z32.pth \
+        --num_samples 50000 --cfg 1.5 --top_k 900 --top_p 0.96 --npz var_d16.npz   # for FID
+    python sample.py --ckpt out/var/ckpt.pt --edit_image dog.png --edit_mask hole.png \
+        --classes 3                                                    # repaint the white area
+
+The `.npz` holds `arr_0`, uint8 (N, H, W, 3) as the ADM evaluator reads it, and `labels`:
+sample i has class i % num_classes (50 per class for 50,000 ImageNet samples). Every rank makes
+the samples i = rank, rank + world, ... and saves them; rank 0 gathers them into the file.
+"""
+import argparse
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from tqdm import tqdm
+
+import data
+import train
+import var
+import vqvae
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument('--ckpt', required=True, help='train.py VAR checkpoint or official var_d*.pth')
+    p.add_argument('--vae', default='', help="the VQVAE (default: the one the checkpoint names)")
+    p.add_argument('--classes', default='', help='comma-separated labels (default: up to 10)')
+    p.add_argument('--per_class', type=int, default=4, help='grid rows: samples of each class')
+    p.add_argument('--cfg', type=float, default=4.0, help='classifier-free guidance (FID: 1.5)')
+    p.add_argument('--top_k', type=int, default=900, help='keep the k most likely tokens (0: all)')
+    p.add_argument('--top_p', type=float, default=0.95, help='nucleus sampling mass (0: off)')
+    p.add_argument('--more_smooth', action='store_true', help='Gumbel-softmax codes (for looks)')
+    p.add_argument('--seed', type=int, default=0, help='sampling seed')
+    p.add_argument('--num_samples', type=int, default=0, help='write this many samples to --npz')
+    p.add_argument('--npz', default='samples.npz', help='output of --num_samples')
+    p.add_argument('--batch_size', type=int, default=25, help='images generated at once')
+    p.add_argument('--edit_image', default='', help='zero-shot editing: the input image')
+    p.add_argument('--edit_mask', default='', help='white = regenerate, black = keep')
+    p.add_argument('--out', default='', help='PNG to write (default: next to the checkpoint)')
+    p.add_argument('--device', default='', help='cuda, mps or cpu (default: best available)')
+    p.add_argument('--no_ema', action='store_true', help='use the raw weights, not the EMA')
+    return p.parse_args(argv)
+
+
+def load(args, device):
+    """The VQVAE and VAR of a checkpoint (ours names its VQVAE; official files need --vae)."""
+    ckpt = torch.load(args.ckpt, map_location='cpu', weights_only=True)
+    vae_path = args.vae or (ckpt.get('vae') if isinstance(ckpt.get('vae'), str) else '')
+    if not vae_path:
+        raise SystemExit(f'{args.ckpt} names no VQVAE: pass --vae vae_ch160v4096z32.pth')
+    vae = vqvae.VQVAE.from_checkpoint(vae_path).to(device).eval()
+    model = var.VAR.from_checkpoint(args.ckpt, vae, use_ema=not args.no_ema).to(device).eval()
+    return model, ckpt.get('class_names')
+
+
+def load_image(path, resolution, mode='RGB'):
+    """Center crop to a square, resize to resolution: (3 or 1, H, W) in [0, 1]."""
+    img = data.load_rgb(path).convert(mode)
+    w, h = img.size
+    s = min(w, h)
+    img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    x = np.asarray(img.resize((resolution, resolution), Image.Resampling.LANCZOS), np.float32)
+    return torch.from_numpy(x / 255).reshape(resolution, resolution, -1).permute(2, 0, 1)
+
+
+@torch.no_grad()
+def main(args):
+    device, rank, world = train.setup(argparse.Namespace(device=args.device, dtype='float32',
+                                                         compile=False))
+    model, class_names = load(args, device)
+    vae, K = model.vae[0], model.num_classes
+    resolution = model.patch_nums[-1] * vae.downsample
+    gen = lambda labels, seed, **kw: model.generate(labels, args.cfg, args.top_k, args.top_p,
+                                                    seed, args.more_smooth, **kw)
+    if args.num_samples:   # N samples for FID, sharded over ranks
+        mine = list(range(rank, args.num_samples, world))
+        out = []
+        for b in tqdm(range(0, len(mine), args.batch_size), disable=rank != 0, desc='sampling'):
+            labels = torch.tensor(mine[b:b + args.batch_size], device=device) % K
+            out.append(data.to_uint8(gen(labels, args.seed + rank * 1_000_003 + b) * 2 - 1))
+        shard = np.concatenate(out) if out else np.zeros((0, resolution, resolution, 3), np.uint8)
+        np.save(f'{args.npz}.rank{rank}.npy', shard)      # shards on disk, not in memory
+        if world > 1:
+            dist.barrier()
+        if rank == 0:
+            images = np.empty((args.num_samples, resolution, resolution, 3), np.uint8)
+            for r in range(world):
+                images[r::world] = np.load(f'{args.npz}.rank{r}.npy')
+                os.remove(f'{args.npz}.rank{r}.npy')
+            np.savez(args.npz, arr_0=images, labels=np.arange(args.num_samples) % K)
+            print(f'wrote {args.num_samples} samples {images.shape[1:]} to {args.npz}')
+    elif rank == 0:
+        classes = ([int(c) for c in args.classes.split(',')] if args.classes
+                   else list(range(min(K, 10))))
+        labels = torch.tensor(classes * args.per_class, device=device)        # row-major grid
+        kw = {}
+        if args.edit_image:   # keep the input's tokens outside the white area of the mask
+            img = load_image(args.edit_image, resolution)[None].to(device) * 2 - 1
+            hole = load_image(args.edit_mask, resolution, 'L')[0].to(device)
+            kw = dict(edit_idx=[i.expand(len(labels), -1) for i in vae.img_to_idx(img)],
+                      edit_mask=(hole < 0.5).float().expand(len(labels), -1, -1))
+        images = gen(labels, args.seed, **kw) * 2 - 1
+        path = args.out or os.path.join(os.path.dirname(args.ckpt) or '.', 'sample_grid.png')
+        data.save_image_grid(images.cpu(), path, nrow=len(classes))
+        names = [class_names[c] for c in classes] if class_names else classes
+        print(f'columns: {names}\nwrote {path}')
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main(get_args())
