@@ -743,6 +743,17 @@ def test_train_var_resumes_exactly_and_logs_per_scale(tmp_path):
     assert all(torch.equal(v, ckpt['model'][k]) for k, v in loaded.state_dict().items())
 
 
+def test_train_var_names_a_missing_or_mismatched_tokenizer(tmp_path):
+    with pytest.raises(SystemExit, match='not found: train a tokenizer first'):
+        train.main(train.get_args(tiny_run(tmp_path, '--model', 'var', '--vae', 'nope.pt')))
+    vae = tiny_vqvae()   # made for 16 px images
+    train.save_checkpoint(str(tmp_path / 'vae.pt'), dict(
+        kind='vqvae', config=vqvae.asdict(vae.config), model=vae.state_dict(), ema=None))
+    with pytest.raises(SystemExit, match='made for 16 px images'):
+        train.main(train.get_args(tiny_run(tmp_path, '--model', 'var', '--vae',
+                                           str(tmp_path / 'vae.pt'), '--resolution', '32')))
+
+
 DDP_WORKER = """
 import os, sys, torch
 sys.path.insert(0, {repo!r})

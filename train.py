@@ -1,12 +1,15 @@
 """
-One trainer for every model of the repo. Today: `--model vqvae`, the multi-scale VQVAE of VAR
-(vqvae.py), a tokenizer the official VAR code never released the training of.
+One trainer for every model of the repo: `--model vqvae`, the multi-scale VQVAE of VAR (vqvae.py),
+a tokenizer the official VAR code never released the training of; `--model var`, VAR itself
+(var.py) on a frozen tokenizer.
 
     python train.py --model vqvae                         # laptop / CPU: built-in data, 32 px
+    python train.py --model var --depth 4 --lr 1e-3 --max_iters 300     # ... then VAR on it
     python train.py --model vqvae --data ~/imagenet --resolution 256     # one GPU, VAR's config
-    torchrun --standalone --nproc_per_node=8 train.py --model vqvae --data ~/imagenet \
-        --resolution 256 --total_batch_size 256            # 8 GPUs (2 nodes: add --nnodes 2
-        --node_rank 0/1 --master_addr HOST --master_port 29500; no InfiniBand: NCCL_IB_DISABLE=1)
+    torchrun --standalone --nproc_per_node=8 train.py --model var --depth 16 --data ~/imagenet \
+        --resolution 256 --vae vae_ch160v4096z32.pth --total_batch_size 768   # 8 GPUs (2 nodes:
+        add --nnodes 2 --node_rank 0/1 --master_addr HOST --master_port 29500; NCCL_IB_DISABLE=1
+        without InfiniBand)
     torchrun --nproc_per_node=2 train.py --model vqvae --device cpu      # DDP on CPU (gloo)
 
 Rerunning the same command resumes from `<out_dir>/ckpt.pt` (`--resume never` starts over).
@@ -426,7 +429,13 @@ def main(args):
         print0(f'resuming from {ckpt_path} at step {ckpt["step"]}')
     vae = None
     if args.model == 'var':   # the frozen tokenizer, and the data as its tokens
+        if not os.path.exists(args.vae):
+            raise SystemExit(f'--vae {args.vae} not found: train a tokenizer first (python '
+                             'train.py --model vqvae) or pass the released vae_ch160v4096z32.pth')
         vae = vqvae.VQVAE.from_checkpoint(args.vae).to(device).eval().requires_grad_(False)
+        if args.resolution != vae.config.patch_nums[-1] * vae.downsample:
+            raise SystemExit(f'--resolution {args.resolution} does not fit the tokenizer, '
+                             f'made for {vae.config.patch_nums[-1] * vae.downsample} px images')
         if args.cache_tokens:
             train_set = tokenize(vae, train_set, os.path.join(args.out_dir, 'tokens_train.pt'),
                                  args, device, rank, world)
@@ -493,7 +502,8 @@ def main(args):
     def checkpoint():
         if master:
             save_checkpoint(ckpt_path, dict(
-                kind=args.model, config=config, model=raw.state_dict(), vae=args.vae if vae else None,
+                kind=args.model, config=config, model=raw.state_dict(),
+                vae=args.vae if vae is not None else None,
                 ema=ema.state_dict() if ema is not None else None,
                 optimizer=optimizer.state_dict(), step=step, data_cursor=list(cursor),
                 skipped_files=skipped, args=vars(args), class_names=class_names,
