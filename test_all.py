@@ -782,3 +782,27 @@ def test_train_ddp_two_processes_match_each_other_and_accumulation(tmp_path):
         if k != 'quantize.ema_vocab_hit_SV':   # statistics of rank 0's half of the batch
             # fp32 summation order differs; Adam turns that into ~1e-5 (lr is 3e-4)
             torch.testing.assert_close(rank0[k], v, atol=1e-4, rtol=0, msg=k)
+
+
+def test_train_var_ddp_gathers_the_token_cache_and_ranks_agree(tmp_path):
+    """torchrun, 2 gloo ranks: each tokenizes half the images, the gathered cache equals a
+    single process's tokens in dataset order, and both ranks end with identical weights."""
+    vae = tiny_vqvae()
+    train.save_checkpoint(str(tmp_path / 'vae.pt'), dict(
+        kind='vqvae', config=vqvae.asdict(vae.config), model=vae.state_dict(), ema=None))
+    argv = tiny_run(tmp_path / 'ddp', '--model', 'var', '--vae', str(tmp_path / 'vae.pt'),
+                    '--depth', '2', '--train_images', '21', '--max_iters', '3')
+    script = tmp_path / 'worker.py'
+    script.write_text(DDP_WORKER.format(repo=REPO, argv=argv, out=str(tmp_path)))
+    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')}
+    subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                    '--nproc_per_node', '2', str(script)], check=True, env=env, timeout=300,
+                   cwd=tmp_path)
+    rank0 = torch.load(tmp_path / 'rank0.pt', weights_only=True)
+    rank1 = torch.load(tmp_path / 'rank1.pt', weights_only=True)
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    cache = torch.load(tmp_path / 'ddp' / 'tokens_train.pt', weights_only=True)
+    ds = data.build_dataset('builtin', 16, True, size=21)
+    x = torch.stack([ds[i][0] for i in range(21)])
+    assert torch.equal(cache['tokens'].long(), torch.cat(vae.img_to_idx(x), 1))
+    assert cache['labels'].tolist() == [ds[i][1] for i in range(21)]
