@@ -1,6 +1,7 @@
 """
 Transformer parts shared by VAR (var.py) and DiGIT's GPT: attention with a kv cache, the MLP,
-the AdaLN block, AdaLN before the head, drop-path, and the sampling filters.
+the AdaLN block, AdaLN before the head, drop-path, and sampling (temperature, top-k, top-p,
+Gumbel-softmax).
 
 Names follow the official VAR code (models/basic_var.py, models/helpers.py) so that the released
 `var_d*.pth` load unchanged: `attn.mat_qkv`, `attn.q_bias`, `attn.v_bias`, `attn.zero_k_bias`,
@@ -146,10 +147,13 @@ def top_k_top_p_filter_(logits, top_k=0, top_p=0.0):
     return logits
 
 
-def sample(logits, top_k=0, top_p=0.0, rng=None):
-    """logits (B, l, V) -> token ids (B, l), one multinomial draw per position after the
-    filters (the official call: one torch.multinomial over a (B*l, V) matrix)."""
+def sample(logits, top_k=0, top_p=0.0, rng=None, temperature=1.0):
+    """logits (B, l, V) -> token ids (B, l), one multinomial draw per position from
+    softmax(logits / temperature) after the filters (the official call: one torch.multinomial
+    over a (B*l, V) matrix). Filters and temperature act on logits in place."""
     B, l, V = logits.shape
+    if temperature != 1.0:
+        logits.div_(temperature)
     probs = top_k_top_p_filter_(logits, top_k, top_p).softmax(-1).view(-1, V)
     return torch.multinomial(probs, 1, replacement=True, generator=rng).view(B, l)
 

@@ -39,6 +39,7 @@ def get_args(argv=None):
     p.add_argument('--top_k', type=int, default=900, help='keep the k most likely tokens (0: all)')
     p.add_argument('--top_p', type=float, default=0.95, help='nucleus sampling mass (0: off)')
     p.add_argument('--more_smooth', action='store_true', help='Gumbel-softmax codes (for looks)')
+    p.add_argument('--temperature', type=float, default=1.0, help='softmax temperature')
     p.add_argument('--seed', type=int, default=0, help='sampling seed')
     p.add_argument('--num_samples', type=int, default=0, help='write this many samples to --npz')
     p.add_argument('--npz', default='samples.npz', help='output of --num_samples')
@@ -79,8 +80,9 @@ def main(args):
     model, class_names = load(args, device)
     vae, K = model.vae[0], model.num_classes
     resolution = model.patch_nums[-1] * vae.downsample
-    gen = lambda labels, seed, **kw: model.generate(labels, args.cfg, args.top_k, args.top_p,
-                                                    seed, args.more_smooth, **kw)
+    gen = lambda labels, seed, **kw: model.generate(
+        labels, args.cfg, args.top_k, args.top_p, seed, args.more_smooth,
+        temperature=args.temperature, **kw)
     if args.num_samples:   # N samples for FID, sharded over ranks
         mine = list(range(rank, args.num_samples, world))
         out = []

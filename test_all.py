@@ -590,6 +590,11 @@ def test_top_k_top_p_filter_by_hand():
     assert kept.tolist() == [[[False, False, True, True]]]
     kept = gpt.top_k_top_p_filter_(p.log()[None, None], top_p=0.1).isfinite()
     assert kept.tolist() == [[[False, False, False, True]]]   # the best token always stays
+    rng = torch.Generator().manual_seed(0)   # a cold temperature is greedy; a hot one is not
+    logits = torch.randn(2, 50, 16)
+    cold = gpt.sample(logits.clone(), rng=rng, temperature=1e-4)
+    assert torch.equal(cold, logits.argmax(-1))
+    assert not torch.equal(gpt.sample(logits.clone(), rng=rng, temperature=10.0), cold)
 
 
 def test_var_zero_shot_editing_forces_the_kept_tokens():

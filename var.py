@@ -149,7 +149,7 @@ class VAR(nn.Module):
 
     @torch.no_grad()
     def sample_tokens(self, labels, cfg=1.5, top_k=0, top_p=0.0, seed=None, more_smooth=False,
-                      edit_idx=None, edit_mask=None):
+                      edit_idx=None, edit_mask=None, temperature=1.0):
         """Generate scale by scale with the kv cache; returns (K token maps (B, pn^2), f_hat).
 
         Classifier-free guidance on a linear ramp: at scale k of K the logits are
@@ -176,7 +176,7 @@ class VAR(nn.Module):
             logits = self.logits(x, cond)                                          # (2B, l, V)
             t = cfg * ratio
             logits = (1 + t) * logits[:B] - t * logits[B:]                         # (B, l, V)
-            idx = gpt.sample(logits, top_k, top_p, rng)   # filters logits in place  (B, l)
+            idx = gpt.sample(logits, top_k, top_p, rng, temperature)   # in place on logits
             forced = None
             if edit_idx is not None:
                 keep = F.interpolate(edit_mask[:, None].float(), size=(pn, pn), mode='bilinear')
@@ -202,11 +202,11 @@ class VAR(nn.Module):
 
     @torch.no_grad()
     def generate(self, labels, cfg=1.5, top_k=0, top_p=0.0, seed=None, more_smooth=False,
-                 edit_idx=None, edit_mask=None):
+                 edit_idx=None, edit_mask=None, temperature=1.0):
         """labels (B,) -> images (B, 3, H, W) in [0, 1]; see sample_tokens for the options.
         VAR's README: cfg 1.5, top_k 900, top_p 0.96 for FID; cfg 4-5 to look at."""
         _, f_hat = self.sample_tokens(labels, cfg, top_k, top_p, seed, more_smooth,
-                                      edit_idx, edit_mask)
+                                      edit_idx, edit_mask, temperature)
         return self.vae[0].fhat_to_img(f_hat).add(1).mul(0.5)
 
     @classmethod
