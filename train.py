@@ -297,10 +297,13 @@ class TokenDataset(torch.utils.data.Dataset):
 def tokenize(vae, dataset, path, args, device, rank, world, limit=None):
     """Tokenize a dataset once with the frozen VQVAE (eval crops, so no augmentation), each rank
     a slice, gathered on every rank and cached in `path`: a TokenDataset of (N, L) ids."""
-    if os.path.exists(path):
-        cache = torch.load(path, map_location='cpu', weights_only=True)
-        return TokenDataset(cache['tokens'], cache['labels'])
     n = min(len(dataset), limit or len(dataset))
+    key = dict(vae=asdict(vae.config), n=n, data=args.data, resolution=args.resolution,
+               weights=sum(p.double().sum().item() for p in vae.parameters()))
+    if os.path.exists(path):   # reused only if made by the same tokenizer from the same data
+        cache = torch.load(path, map_location='cpu', weights_only=True)
+        if cache.get('key') == key:
+            return TokenDataset(cache['tokens'], cache['labels'])
     mine = range(rank, n, world)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine), args.batch_size,
                                          num_workers=args.num_workers)
@@ -319,7 +322,7 @@ def tokenize(vae, dataset, path, args, device, rank, world, limit=None):
         labels = torch.stack(gathered[1], 1).flatten(0, 1)[:n]
     dtype = torch.int16 if vae.config.vocab_size <= 32767 else torch.int32
     if rank == 0:
-        save_checkpoint(path, dict(tokens=tokens.to(dtype), labels=labels))
+        save_checkpoint(path, dict(tokens=tokens.to(dtype), labels=labels, key=key))
     return TokenDataset(tokens.to(dtype), labels)
 
 
@@ -426,6 +429,9 @@ def main(args):
     ckpt = None
     if args.resume == 'auto' and os.path.exists(ckpt_path):
         ckpt = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+        if ckpt.get('kind') != args.model:
+            raise SystemExit(f"{ckpt_path} holds a {ckpt.get('kind')} run, not {args.model}: "
+                             'choose another --out_dir or pass --resume never')
         print0(f'resuming from {ckpt_path} at step {ckpt["step"]}')
     vae = None
     if args.model == 'var':   # the frozen tokenizer, and the data as its tokens
