@@ -236,33 +236,16 @@ def vqvae_loss(model, raw, img, step, args, disc, lpips):
     return loss, parts, rec
 
 
-@torch.no_grad()
-def evaluate(model, val_set, args, device, rank, world, ctx):
-    """Held-out L2, PSNR (per image, on [0, 1] pixels) and the share of the codebook each
-    scale uses on these images; every rank takes a slice, results are all-reduced."""
-    model.eval()
-    n = min(len(val_set), args.eval_images)
-    subset = torch.utils.data.Subset(val_set, range(rank, n, world))
-    loader = torch.utils.data.DataLoader(subset, args.batch_size, num_workers=args.num_workers)
-    K, V = len(model.config.patch_nums), model.config.vocab_size
-    sums, hits = torch.zeros(4, device=device), torch.zeros(K, V, device=device)
-    for img, _, _ in loader:
-        img = img.to(device)
-        with ctx:
-            rec, vq_loss, idx = model(img)
-        mse = ((rec.float().clamp(-1, 1) - img) / 2).square().mean((1, 2, 3))     # (B,)
-        sums += torch.stack([mse.sum(), (-10 * mse.clamp_min(1e-10).log10()).sum(),
-                             vq_loss * len(img), torch.tensor(len(img), device=device)])
-        for k, i in enumerate(idx):
-            hits[k] += torch.bincount(i.flatten(), minlength=V)
-    if world > 1:
-        dist.all_reduce(sums)
-        dist.all_reduce(hits)
-    model.train()
-    count = sums[3].clamp_min(1)
-    return dict(l2=(sums[0] / count * 4).item(), psnr=(sums[1] / count).item(),
-                vq=(sums[2] / count).item(),
-                **{'codes%': ((hits > 0).float().mean(1) * 100).tolist()})
+def vqvae_val_sums(model, batch, device, ctx):
+    """Held-out sums of one batch: L2, PSNR (per image, on [0, 1] pixels), VQ loss, code hits."""
+    img = batch[0].to(device)
+    with ctx:
+        rec, vq_loss, idx = model(img)
+    mse = ((rec.float().clamp(-1, 1) - img) / 2).square().mean((1, 2, 3))           # (B,)
+    hits = torch.stack([torch.bincount(i.flatten(), minlength=model.config.vocab_size)
+                        for i in idx])                                              # (K, V)
+    return {'l2': 4 * mse.sum(), 'psnr': (-10 * mse.clamp_min(1e-10).log10()).sum(),
+            'vq': vq_loss * len(img), 'codes%': hits, 'n': torch.tensor(len(img))}
 
 
 @torch.no_grad()
@@ -348,25 +331,12 @@ def var_loss(model, vae, batch, args, device, with_parts=True):
     return ce.mean(), parts
 
 
-@torch.no_grad()
-def evaluate_var(model, vae, val_set, args, device, rank, world, ctx):
-    """Teacher-forced held-out cross-entropy and accuracy, overall and per scale."""
-    model.eval()
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(val_set, range(rank, min(len(val_set), args.eval_images), world)),
-        args.batch_size)
-    sums, count = {}, torch.zeros((), device=device)
-    for batch in loader:
-        with ctx:
-            loss, parts = var_loss(model, vae, batch, args, device)
-        for k, v in dict(parts, loss=loss).items():
-            sums[k] = sums.get(k, 0.0) + v.float() * len(batch[0])
-        count += len(batch[0])
-    stats = torch.stack(list(sums.values()) + [count])
-    if world > 1:
-        dist.all_reduce(stats)
-    model.train()
-    return {k: v / stats[-1].item() for k, v in zip(sums, stats[:-1].tolist())}
+def var_val_sums(model, vae, batch, args, device, ctx):
+    """Held-out sums of one batch: teacher-forced cross-entropy and accuracy, per scale too."""
+    with ctx:
+        loss, parts = var_loss(model, vae, batch, args, device)
+    B = len(batch[0])
+    return {**{k: v * B for k, v in dict(parts, loss=loss).items()}, 'n': torch.tensor(B)}
 
 
 @torch.no_grad()
@@ -378,6 +348,28 @@ def save_samples(model, path, args, num_classes, device, per_class=4):
     img = model.generate(labels, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     data.save_image_grid(img.float().cpu() * 2 - 1, path, nrow=len(classes))
     model.train()
+
+
+@torch.no_grad()
+def validate(model, val_set, args, device, world, rank, batch_sums):
+    """Every rank sums batch_sums(batch) over its slice of the first --eval_images held-out
+    items; the sums are all-reduced and divided by the item count. Code hits ('codes%', (K, V))
+    become the share of the codebook each scale used."""
+    model.eval()
+    subset = torch.utils.data.Subset(val_set, range(rank, min(len(val_set), args.eval_images),
+                                                    world))
+    sums = {}
+    for batch in torch.utils.data.DataLoader(subset, args.batch_size,
+                                             num_workers=args.num_workers):
+        for k, v in batch_sums(batch).items():
+            sums[k] = sums.get(k, 0.0) + v.to(device, torch.float32)
+    model.train()
+    for v in sums.values() if world > 1 else ():
+        dist.all_reduce(v)
+    n = sums.pop('n').clamp_min(1)
+    if 'codes%' in sums:
+        sums['codes%'] = (sums['codes%'] > 0).float().mean(1) * 100 * n
+    return {k: (v / n).item() if v.numel() == 1 else (v / n).tolist() for k, v in sums.items()}
 
 
 def format_stats(stats):
@@ -497,13 +489,14 @@ def main(args):
     disc_raw = disc.module if isinstance(disc, DDP) else disc
     eval_model = ema if ema is not None else raw   # validation and pictures use the EMA
     if vae is None:
-        validate = lambda: evaluate(eval_model, val_set, args, device, rank, world, ctx)
+        batch_sums = lambda batch: vqvae_val_sums(eval_model, batch, device, ctx)
         picture = lambda path: save_reconstructions(eval_model, val_set, path, device)
         picture_name = 'recon'
     else:
-        validate = lambda: evaluate_var(eval_model, vae, val_set, args, device, rank, world, ctx)
+        batch_sums = lambda batch: var_val_sums(eval_model, vae, batch, args, device, ctx)
         picture = lambda path: save_samples(eval_model, path, args, len(class_names), device)
         picture_name = 'samples'
+    run_validation = lambda: validate(eval_model, val_set, args, device, world, rank, batch_sums)
 
     def checkpoint():
         if master:
@@ -591,7 +584,7 @@ def main(args):
             sums, t0 = {}, time.time()
         last = step == args.max_iters or (args.stop_after and step - start >= args.stop_after)
         if step % args.eval_every == 0 or last:
-            r = validate()
+            r = run_validation()
             log(f'eval {step} {format_stats(r)}')
         if master and (step % args.sample_every == 0 or last):
             picture(os.path.join(args.out_dir, f'{picture_name}_{step:06d}.png'))
@@ -601,7 +594,7 @@ def main(args):
             break
     bar.close()
     if step - start == 0:   # already done: report the finished run again
-        r = validate()
+        r = run_validation()
     if master:
         per_scale = lambda v: ', '.join(f'{pn}x{pn}: {c:.1f}%'
                                         for pn, c in zip(config['patch_nums'], v))
