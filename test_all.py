@@ -9,16 +9,19 @@ import hashlib
 import os
 import subprocess
 import sys
+import tempfile
 import warnings
 
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from PIL import Image
 
 import data
 import gpt
+import kmeans
 import sample
 import train
 import var
@@ -488,6 +491,163 @@ def test_lpips_loads_official_layout_and_is_a_distance(tmp_path):
     assert torch.allclose(net(x, x), torch.zeros(2), atol=1e-6)
     assert (net(x, y) > 0).all()
     torch.testing.assert_close(net(x, y), net(y, x))
+
+
+# --- kmeans.py -------------------------------------------------------------------------------
+
+def blobs(n_per=200, k=5, d=8, sep=20.0, seed=0):
+    """k well-separated Gaussian blobs (unit noise) around random centres of norm ~sep."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(k, d, generator=g) * sep                            # (k, D)
+    x = centres.repeat_interleave(n_per, 0) + torch.randn(k * n_per, d, generator=g)
+    return x, torch.arange(k).repeat_interleave(n_per), centres
+
+
+def test_kmeans_inertia_monotone():
+    x = torch.randn(2000, 8, generator=torch.Generator().manual_seed(0)) + 3.0
+    km = kmeans.KMeans(16, n_iter=15, tol=0.0, max_points_per_centroid=None).fit(x)
+    h = km.inertia_history
+    for i in range(1, len(h)):
+        if km.n_empty_history[i - 1] == 0:  # Lloyd steps without a split never raise inertia
+            assert h[i] <= h[i - 1] * (1 + 1e-9), (i, h)
+    assert h[-1] < h[0] and km.inertia_ == h[-1]
+
+
+def test_kmeans_blobs_recovered():
+    x, y, centres = blobs()
+    km = kmeans.KMeans(5, n_iter=10).fit(x)
+    labels = km.predict(x)
+    perm = torch.stack([labels[y == j].mode().values for j in range(5)])      # true -> found
+    assert sorted(perm.tolist()) == list(range(5))                            # a bijection
+    assert torch.equal(labels, perm[y])                                       # every point
+    assert (km.centroids[perm] - centres).norm(dim=1).max() < 0.5
+
+
+def test_kmeans_assign_equals_brute_force():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3000, 32, generator=g) + 10.0                             # un-centred
+    c = torch.randn(100, 32, generator=g) + 10.0
+    km = kmeans.KMeans(100, chunk_size=257)
+    km.centroids = c
+    labels, sq = km.assign(x)
+    d = torch.cdist(x.double(), c.double()) ** 2                              # (N, K)
+    top2 = d.topk(2, dim=1, largest=False).values
+    clear = (top2[:, 1] - top2[:, 0]) > 1e-4 * top2[:, 0]                     # not a near-tie
+    assert torch.equal(labels[clear], d.argmin(1)[clear]) and clear.float().mean() > 0.99
+    torch.testing.assert_close(sq.double(), top2[:, 0], rtol=1e-4, atol=1e-3)
+
+
+def test_kmeans_npy_roundtrip(tmp_path):
+    km = kmeans.KMeans(4, n_iter=3).fit(blobs(k=4)[0])
+    km.save(tmp_path / 'km.npy')
+    a = np.load(tmp_path / 'km.npy')
+    assert a.dtype == np.float32 and a.shape == (4, 8)
+    km2 = kmeans.KMeans.load(tmp_path / 'km.npy')
+    assert torch.equal(km2.centroids, km.centroids)
+    x = blobs(k=4, seed=1)[0]
+    assert torch.equal(km2.predict(x), km.predict(x))
+
+
+def test_kmeans_iterator_equals_tensor():
+    x = blobs(n_per=300, k=6)[0] + torch.randn(1800, 8)  # subsampled to 6*100, init on 6*16
+    kw = dict(n_iter=5, max_points_per_centroid=100, seed=3)
+    a = kmeans.KMeans(6, **kw).fit(x)
+    b = kmeans.KMeans(6, **kw).fit(iter(x.split(97)))
+    c = kmeans.KMeans(6, **kw).fit(x.numpy())
+    assert torch.equal(a.centroids, b.centroids) and torch.equal(a.centroids, c.centroids)
+    assert a.inertia_history == b.inertia_history
+
+
+def test_kmeans_empty_clusters_split():
+    # 3 distinct points repeated: random init picks duplicates, so clusters go empty
+    x = (torch.randn(3, 4) + 5.0).repeat(100, 1)                              # (300, 4)
+    km = kmeans.KMeans(8, n_iter=5, init='random', tol=0.0).fit(x)
+    assert sum(km.n_empty_history) > 0
+    assert torch.isfinite(km.centroids).all() and (km.centroids.norm(dim=1) > 1).all()
+    # the split itself: empties 0 and 3 take halves of the largest cluster (1), then of 2
+    c = torch.randn(4, 4)
+    sums, counts = torch.randn(4, 4).double(), torch.tensor([0., 10., 7., 0.]).double()
+    sse = torch.tensor([0., 10., 7., 0.]).double()
+    new = kmeans.KMeans(4)._update(c, sums * counts[:, None], counts, sse, torch.Generator())
+    mean1, mean2 = sums[1].float(), sums[2].float()
+    assert torch.isfinite(new).all()
+    torch.testing.assert_close((new[0] + new[1]) / 2, mean1)                  # symmetric split
+    assert 0 < (new[0] - new[1]).norm() < 0.1
+    torch.testing.assert_close((new[3] + new[2]) / 2, mean2)                  # next largest
+
+
+def test_kmeans_spherical_unit_norm():
+    x = blobs(k=4, sep=3.0)[0]
+    km = kmeans.KMeans(4, n_iter=5, spherical=True).fit(x)
+    torch.testing.assert_close(km.centroids.norm(dim=1), torch.ones(4))
+    cos = torch.nn.functional.normalize(x, dim=1) @ km.centroids.T            # (N, K)
+    assert (km.predict(x) == cos.argmax(1)).float().mean() > 0.999
+
+
+def test_kmeans_tf32_off_inside_fit(monkeypatch):
+    seen, inner = [], kmeans.assign_chunk
+    def spy(*a):
+        seen.append(torch.backends.cuda.matmul.allow_tf32)
+        return inner(*a)
+    monkeypatch.setattr(kmeans, 'assign_chunk', spy)
+    old = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True  # as train.py does on CUDA
+        km = kmeans.KMeans(4, n_iter=2).fit(blobs(k=4)[0])
+        km.predict(blobs(k=4)[0])
+        assert seen and not any(seen)                 # off in every fit/predict matmul
+        assert torch.backends.cuda.matmul.allow_tf32  # and restored afterwards
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def test_kmeans_tol_stops_early():
+    x = blobs()[0]
+    km = kmeans.KMeans(5, n_iter=50, tol=1e-3).fit(x)
+    assert len(km.inertia_history) < 10
+    assert len(kmeans.KMeans(5, n_iter=4, tol=-1.0).fit(x).inertia_history) == 5  # never stops
+
+
+def test_kmeans_deterministic_seed():
+    x = torch.randn(1000, 8, generator=torch.Generator().manual_seed(0))
+    a, b = (kmeans.KMeans(10, n_iter=5, seed=1).fit(x) for _ in range(2))
+    assert torch.equal(a.centroids, b.centroids) and a.inertia_history == b.inertia_history
+    assert not torch.equal(a.centroids, kmeans.KMeans(10, n_iter=5, seed=2).fit(x).centroids)
+
+
+def test_kmeans_bad_input():
+    x = torch.randn(50, 4)
+    with pytest.raises(ValueError, match='NaN'):
+        kmeans.KMeans(3).fit(torch.cat([x, torch.full((1, 4), float('nan'))]))
+    with pytest.raises(ValueError, match='larger than'):
+        kmeans.KMeans(60).fit(x)
+    with pytest.raises(ValueError, match='2-d'):
+        kmeans.KMeans(3).fit(x.flatten())
+    with pytest.raises(ValueError, match='dimension'):
+        kmeans.KMeans(3, n_iter=1).fit(x).predict(torch.randn(5, 7))
+    with pytest.raises(ValueError, match='dimension'):
+        kmeans.KMeans(3).fit(iter([x, torch.randn(5, 7)]))
+
+
+def _dist_worker(rank, world, port, path):
+    torch.distributed.init_process_group('gloo', init_method=f'tcp://127.0.0.1:{port}',
+                                         rank=rank, world_size=world)
+    x = blobs(n_per=150, k=6)[0] + torch.randn(900, 8, generator=torch.Generator().manual_seed(1))
+    shard = x[:350] if rank == 0 else x[350:]                                 # uneven shards
+    km = kmeans.KMeans(6, n_iter=6, tol=0.0, max_points_per_centroid=80).fit(shard)
+    torch.save(km.centroids, f'{path}/c{rank}.pt')
+    torch.distributed.destroy_process_group()
+
+
+def test_kmeans_distributed_equals_single_process():
+    with tempfile.TemporaryDirectory() as path:
+        port = 29500 + os.getpid() % 1000
+        mp.spawn(_dist_worker, args=(2, port, path), nprocs=2, join=True)
+        c0, c1 = torch.load(f'{path}/c0.pt'), torch.load(f'{path}/c1.pt')
+    x = blobs(n_per=150, k=6)[0] + torch.randn(900, 8, generator=torch.Generator().manual_seed(1))
+    single = kmeans.KMeans(6, n_iter=6, tol=0.0, max_points_per_centroid=80).fit(x)
+    assert torch.equal(c0, c1)                                                # same on all ranks
+    torch.testing.assert_close(c0, single.centroids, rtol=0, atol=1e-5)       # = one process
 
 
 # --- gpt.py, var.py ----------------------------------------------------------------------------

@@ -1,0 +1,363 @@
+"""
+Lloyd K-Means in plain torch (CPU or GPU, optionally over torch.distributed): the tokenizer of
+DiGIT (Zhu et al., NeurIPS 2024), which clusters the patch features of a frozen
+self-supervised ViT into K centroids and uses the index of the nearest centroid as the token.
+
+    init     greedy k-means++ (Arthur & Vassilvitskii 2007, sklearn's 2 + ln K local trials)
+             on a random sample of 16 K points, or K random sample points ('random', faiss)
+    E-step   a(x) = argmin_k ||x - c_k||^2 = argmin_k (||c_k||^2 - 2 x.c_k), chunked fp32 addmm
+    M-step   c_k = sum_{a(x)=k} x / n_k, sums and counts accumulated in float64
+    objective  inertia = sum_x ||x - c_a(x)||^2
+
+DiGIT ran faiss.Kmeans(d, 8192, niter=20) (random init, 256 points per centroid, CPU) and
+released the centroids as `km_8k.npy`, float32 [K, D]; `save`/`load` use that format.
+Deviations from faiss: greedy k-means++ init by default (about 15% lower inertia in our
+measurements, see shared/reference/kmeans_notes.md), an empty cluster splits the largest one with
+an additive random perturbation (faiss: multiplicative c (1 +- 1/1024) on a random donor), and an
+optional relative-tolerance stop. Distances are always fp32 with TF32 off: bf16 distances assign
+about 10% of points wrongly. The data is not centred. Letters: N points, D features, K centroids.
+
+Under torch.distributed every rank passes its own shard to `fit`; per-cluster sums and counts
+are all-reduced, so every rank holds identical centroids. Test: `python -m pytest test_all.py -k
+kmeans`. Fit a .npy of features: `python kmeans.py feats_*.npy --k 8192 --out km_8k.npy`.
+"""
+import argparse
+import math
+import os
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+@contextmanager
+def no_tf32():
+    """Exact fp32 matmuls inside the block (training scripts often switch TF32 on globally)."""
+    m = torch.backends.cuda.matmul
+    try:
+        attr, old = 'allow_tf32', m.allow_tf32
+        m.allow_tf32 = False
+    except RuntimeError:  # the caller uses the new fp32_precision API; torch forbids mixing them
+        attr, old = 'fp32_precision', m.fp32_precision
+        m.fp32_precision = 'ieee'
+    try:
+        yield
+    finally:
+        setattr(m, attr, old)
+
+
+def sq_dists(x, c, c_sq=None):
+    """||x_i - c_k||^2 = ||x_i||^2 - 2 x_i.c_k + ||c_k||^2, fp32, clamped >= 0. x (n, D), c (K, D)
+    -> (n, K). Never call this on the whole data set: it allocates n x K."""
+    c_sq = (c * c).sum(1) if c_sq is None else c_sq                            # (K,)
+    d = torch.addmm(c_sq[None], x, c.T, alpha=-2)                              # (n, K)
+    return d.add_((x * x).sum(1, keepdim=True)).clamp_(min=0)
+
+
+def assign_chunk(x, c, c_sq):
+    """Nearest centroid of each row: argmin_k (||c_k||^2 - 2 x.c_k), then the squared distance
+    adds ||x||^2 (clamped >= 0). x (n, D), c (K, D), c_sq (K,) fp32 -> labels (n,), sq (n,)."""
+    d = torch.addmm(c_sq[None], x, c.T, alpha=-2)                              # (n, K)
+    val, labels = d.min(1)                                                     # (n,), (n,)
+    return labels, val.add_((x * x).sum(1)).clamp_(min=0)
+
+
+def _row_keys(idx, seed):
+    """A pseudo-random, unique int64 key per global row index (a hash, so that the kept sample
+    depends neither on chunking nor on sharding). idx (n,) int64 -> (n,) int64."""
+    h = (idx >> 31) * 40503 + seed % 65521 + 1                                 # (n,)
+    for part in (idx & 0x7FFFFFFF, h):  # mix the low and high 31 bits into h
+        h = (h ^ part) & 0x7FFFFFFF
+        for _ in range(3):
+            h = (h * 1103515245 + 12345) & 0x7FFFFFFF
+            h = h ^ (h >> 13)
+    return (h << 31) | (idx & 0x7FFFFFFF)   # low bits = index, so keys are unique per row
+
+
+def _world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _all_gather_cat(t):
+    """Concatenate the tensors (n_r, ...) of all ranks along dim 0 in rank order (n_r may vary)."""
+    rank, world = _world()
+    if world == 1:
+        return t
+    n = torch.tensor([t.shape[0]], device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    pad = t.new_zeros((max(sizes) - t.shape[0], *t.shape[1:]))
+    out = [t.new_empty((max(sizes), *t.shape[1:])) for _ in range(world)]
+    dist.all_gather(out, torch.cat([t, pad]))
+    return torch.cat([o[:s] for o, s in zip(out, sizes)])
+
+
+def kmeans_pp(x, k, n_trials, gen):
+    """Greedy k-means++ (sklearn's variant): each step draws n_trials candidates with probability
+    D(x)^2 / sum D^2 and keeps the one that lowers the potential sum_x D(x)^2 most, where D(x) is
+    the distance to the nearest centre chosen so far. x (S, D) fp32 -> (k, D); O(k L S D) flops
+    for L = n_trials, one (L, S) distance block per step."""
+    S = x.shape[0]
+    centres = x.new_empty(k, x.shape[1])                                       # (k, D)
+    centres[0] = x[torch.randint(S, (1,), generator=gen).item()]
+    x_sq = (x * x).sum(1)                                                      # (S,)
+    closest = sq_dists(x, centres[:1])[:, 0]                                   # (S,)
+    for i in range(1, k):
+        cum = closest.double().cumsum(0)                                       # (S,)
+        r = torch.rand(n_trials, generator=gen, dtype=torch.float64).to(x.device) * cum[-1]
+        cand = torch.searchsorted(cum, r).clamp_(max=S - 1)                    # (L,)
+        d = torch.minimum(sq_dists(x[cand], x, x_sq), closest)                 # (L, S)
+        best = d.double().sum(1).argmin()
+        closest = d[best]                                                      # (S,)
+        centres[i] = x[cand[best]]
+    return centres
+
+
+class KMeans:
+    """Lloyd K-Means with k-means++ init, empty-cluster splitting and torch.distributed support.
+
+    n_clusters K; n_iter Lloyd updates; init 'k-means++' | 'random'; tol: stop when the relative
+    decrease of the inertia is <= tol (0 runs all n_iter); spherical: unit-normalise features and
+    centroids (cosine K-Means, ||x - c||^2 = 2 - 2 cos); max_points_per_centroid: train on a random
+    subsample of at most K * this many points (faiss: 256, None = all); init_sample_per_centroid:
+    k-means++ runs on a sample of K * this many points; chunk_size: rows per distance block
+    (default: about 256 MiB of distances); device: where to compute (default: the data's)."""
+
+    def __init__(self, n_clusters, n_iter=20, init='k-means++', tol=1e-4, seed=0, spherical=False,
+                 max_points_per_centroid=256, init_sample_per_centroid=16, chunk_size=None,
+                 device=None, verbose=False):
+        assert init in ('k-means++', 'random'), f"init must be 'k-means++' or 'random', got {init}"
+        self.n_clusters, self.n_iter, self.init, self.tol = n_clusters, n_iter, init, tol
+        self.seed, self.device, self.verbose = seed, device, verbose
+        self.spherical, self.max_points_per_centroid = spherical, max_points_per_centroid
+        self.init_sample_per_centroid = init_sample_per_centroid
+        self.chunk_size = chunk_size or int(min(max((256 << 20) // (4 * n_clusters), 1024), 65536))
+        self.centroids = None      # (K, D) float32
+        self.inertia_ = None       # inertia of the returned centroids
+        self.inertia_history = []  # [i] = inertia after i updates (length <= n_iter + 1)
+        self.n_empty_history = []  # empty clusters found at each update
+
+    # ---- data ---------------------------------------------------------------------------------
+    def _prepare(self, x, dim=None):
+        """Check a chunk (n, D) and return it as fp32 on self.device (unit rows if spherical)."""
+        if not torch.is_tensor(x):
+            x = torch.as_tensor(np.asarray(x))
+        if x.ndim != 2 or not x.is_floating_point():
+            raise ValueError(f'kmeans: features must be a 2-d float (N, D) array, got '
+                             f'shape {tuple(x.shape)} dtype {x.dtype}')
+        if dim is not None and x.shape[1] != dim:
+            raise ValueError(f'kmeans: feature dimension {x.shape[1]} != expected {dim}')
+        x = x.to(self.device or x.device, torch.float32)
+        if not torch.isfinite(x).all():
+            raise ValueError('kmeans: features contain NaN or inf')
+        return F.normalize(x, dim=1) if self.spherical else x
+
+    def _collect(self, data, m):
+        """Stream chunks and keep the m rows with the smallest hash keys of their global index
+        (a uniform random subset, identical for any chunking and any sharding of tensors; an
+        iterator's rows are numbered per rank). Returns rows (n, D) in data order, their keys."""
+        rank, world = _world()
+        chunks = [data] if torch.is_tensor(data) else data
+        offset = rank << 40  # iterators: each rank numbers its rows in its own range
+        if torch.is_tensor(data) and world > 1:  # tensors: true global row indices
+            n = torch.tensor([data.shape[0]], device=data.device)
+            offset = int(_all_gather_cat(n)[:rank].sum())
+        keep, kept, n_seen, tau, dim = [], 0, 0, None, None
+        for chunk in chunks:
+            chunk = self._prepare(chunk, dim)
+            dim = chunk.shape[1]
+            key = _row_keys(torch.arange(n_seen, n_seen + len(chunk)) + offset, self.seed)
+            key = key.to(chunk.device)                                         # (n_i,)
+            n_seen += len(chunk)
+            if tau is not None:  # only rows that can still make it into the smallest m
+                chunk, key = chunk[key <= tau], key[key <= tau]
+            keep.append((chunk, key))
+            kept += len(chunk)
+            if m is not None and kept > 2 * m:  # compact to the m smallest keys
+                keep, tau = self._smallest(keep, m)
+                kept = m
+        if dim is None:
+            raise ValueError('kmeans: no data')
+        keep, _ = self._smallest(keep, m if m is not None else kept)
+        x, key = keep[0]
+        if world > 1 and m is not None:  # global m-th smallest key, as if on one process
+            all_keys = _all_gather_cat(key)                                    # (sum n_r,)
+            tau = all_keys.kthvalue(min(m, len(all_keys))).values
+            x, key = x[key <= tau], key[key <= tau]
+        order = torch.argsort(key & 0x7FFFFFFF)  # low bits = row index: back to data order
+        return x[order], key[order], n_seen
+
+    @staticmethod
+    def _smallest(keep, m):
+        x = torch.cat([c for c, _ in keep])                                    # (n, D)
+        key = torch.cat([k for _, k in keep])                                  # (n,)
+        if len(key) > m:
+            idx = torch.topk(key, m, largest=False).indices                    # (m,)
+            x, key = x[idx], key[idx]
+        tau = key.max() if len(key) else None
+        return [(x, key)], tau
+
+    # ---- fit ----------------------------------------------------------------------------------
+    def fit(self, data):
+        """data: a tensor or array (N, D), or an iterable of (n_i, D) chunks (e.g. memory-mapped
+        .npy shards), read once; the (sub)sample is kept in memory. Under torch.distributed every
+        rank passes its own shard. Returns self, with centroids (K, D) and inertia_."""
+        if isinstance(data, np.ndarray):
+            data = torch.from_numpy(data)
+        K, (rank, world) = self.n_clusters, _world()
+        mppc = self.max_points_per_centroid
+        with no_tf32():
+            x, key, n_seen = self._collect(data, K * mppc if mppc else None)  # (n, D), (n,)
+            n = torch.tensor([len(x), n_seen], device=x.device)
+            if world > 1:
+                dist.all_reduce(n)
+            n_total = int(n[0])
+            if n_total < K:
+                raise ValueError(f'kmeans: n_clusters={K} is larger than the {n_total} points')
+            # the init sample: the S smallest keys over all ranks, so every rank gets the same
+            S = min(K * self.init_sample_per_centroid, n_total)
+            idx = torch.topk(key, min(S, len(key)), largest=False).indices     # (s,) sorted
+            cand_x, cand_key = _all_gather_cat(x[idx]), _all_gather_cat(key[idx])
+            sample = cand_x[torch.argsort(cand_key, stable=True)[:S]]          # (S, D)
+            gen = torch.Generator().manual_seed(self.seed)
+            if self.init == 'k-means++':
+                c = kmeans_pp(sample, K, 2 + int(math.log(K)), gen)            # (K, D)
+            else:
+                c = sample[torch.randperm(S, generator=gen)[:K].to(x.device)]  # (K, D)
+            c = F.normalize(c, dim=1) if self.spherical else c
+            if self.verbose and rank == 0:
+                print(f'kmeans: K={K}, {n_total} of {int(n[1])} points (D={x.shape[1]}), '
+                      f'{self.init} init on {S}, {world} rank(s)')
+            self.inertia_history, self.n_empty_history = [], []
+            t0 = time.time()
+            for it in range(self.n_iter + 1):  # n_iter updates, then the inertia of the result
+                sums, counts, sse, obj = self._lloyd_pass(x, c)
+                self.inertia_history.append(obj)
+                if self.verbose and rank == 0:
+                    n_empty = self.n_empty_history[-1] if it else 0
+                    print(f'kmeans iter {it}/{self.n_iter}: inertia {obj:.6g}, {n_empty} empty '
+                          f'clusters split, {time.time() - t0:.2f}s')
+                prev = self.inertia_history[-2] if it > 0 else math.inf
+                if it == self.n_iter or prev - obj <= self.tol * obj:
+                    break
+                t0 = time.time()
+                c = self._update(c, sums, counts, sse, gen)                    # (K, D)
+        self.centroids, self.inertia_ = c, obj
+        return self
+
+    def _lloyd_pass(self, x, c):
+        """E-step over the local rows plus the M-step sums, all-reduced over ranks:
+        sums_k = sum_{a(x)=k} x (K, D), counts n_k (K,), sse_k = sum_{a(x)=k} ||x - c_k||^2 (K,)
+        and the inertia sum_k sse_k (a float)."""
+        K, D = c.shape
+        buf = torch.zeros(K * D + 2 * K + 1, dtype=torch.float64, device=x.device)  # one reduce
+        sums, counts, sse = buf[:K * D].view(K, D), buf[K * D:-K - 1], buf[-K - 1:-1]
+        c_sq = (c * c).sum(1)                                                  # (K,)
+        for chunk in x.split(self.chunk_size):
+            labels, sq = assign_chunk(chunk, c, c_sq)                          # (m,), (m,)
+            sums.index_add_(0, labels, chunk.double())
+            counts.index_add_(0, labels, torch.ones_like(sq, dtype=torch.float64))
+            sse.index_add_(0, labels, sq.double())
+        buf[-1] = sse.sum()
+        if _world()[1] > 1:
+            dist.all_reduce(buf)
+        return sums, counts, sse, buf[-1].item()
+
+    def _update(self, c, sums, counts, sse, gen):
+        """c_k = sums_k / n_k. An empty cluster j splits the currently largest cluster i (faiss'
+        idea, deterministic): c_j = c_i + e, c_i = c_i - e, e = 0.01 rms_i u, u a random unit
+        vector, rms_i = sqrt(sse_i / n_i); n_i and sse_i are halved so the next empty picks the
+        next largest. Never leaves a NaN or zero centroid. Same result on every rank."""
+        new = c.clone()                                                        # (K, D)
+        full = counts > 0
+        new[full] = (sums[full] / counts[full, None]).float()
+        empty = (~full).nonzero()[:, 0].tolist()
+        counts, sse = counts.clone(), sse.clone()
+        for j in empty:
+            i = int(counts.argmax())
+            u = torch.randn(c.shape[1], generator=gen, dtype=torch.float64)   # (D,)
+            e = (0.01 * math.sqrt(sse[i] / counts[i]) * u / u.norm()).float().to(c.device)
+            new[j], new[i] = new[i] + e, new[i] - e
+            counts[i] /= 2
+            sse[i] /= 2
+            counts[j], sse[j] = counts[i], sse[i]
+        self.n_empty_history.append(len(empty))
+        return F.normalize(new, dim=1) if self.spherical else new
+
+    # ---- use --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def assign(self, x):
+        """Nearest centroid and squared distance of every row, chunked fp32. x (N, D) ->
+        labels (N,) int64, sq_dists (N,) fp32 (spherical: 2 - 2 cos)."""
+        assert self.centroids is not None, 'kmeans: call fit() or load() first'
+        x = self._prepare(x, self.centroids.shape[1])                          # (N, D) fp32
+        c = self.centroids.to(x.device)                                        # (K, D)
+        c_sq = (c * c).sum(1)                                                  # (K,)
+        with no_tf32():
+            out = [assign_chunk(chunk, c, c_sq) for chunk in x.split(self.chunk_size)]
+        return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
+
+    def predict(self, x):
+        """Token ids: index of the nearest centroid of each row. x (N, D) -> (N,) int64."""
+        return self.assign(x)[0]
+
+    def save(self, path):
+        """Centroids as a float32 .npy of shape [K, D] (the format of DiGIT's km_8k.npy)."""
+        np.save(path, self.centroids.detach().cpu().numpy().astype(np.float32))
+
+    @classmethod
+    def load(cls, path, **kwargs):
+        """A KMeans with centroids from a [K, D] .npy; kwargs (spherical=True, ...) go to init."""
+        c = np.load(path)
+        if c.ndim != 2:
+            raise ValueError(f'kmeans: {path} holds shape {c.shape}, expected [K, D]')
+        km = cls(c.shape[0], **kwargs)
+        km.centroids = torch.from_numpy(c.astype(np.float32))                  # (K, D)
+        return km
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description='Fit K-Means centroids to .npy feature shards (N, D). '
+                                'Under torchrun every rank reads files[rank::world].')
+    p.add_argument('features', nargs='+', help='.npy files of (N_i, D) features (memory-mapped)')
+    p.add_argument('--k', type=int, default=8192, help='number of centroids (DiGIT: 8192)')
+    p.add_argument('--n_iter', type=int, default=20, help='Lloyd iterations (DiGIT: 20)')
+    p.add_argument('--init', default='k-means++', choices=['k-means++', 'random'])
+    p.add_argument('--max_points_per_centroid', type=int, default=256, help='0 = use all points')
+    p.add_argument('--tol', type=float, default=0.0, help='relative inertia change to stop at')
+    p.add_argument('--spherical', action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--device', default='', help="'' = cuda if available, else cpu")
+    p.add_argument('--out', default='km.npy', help='output centroids, float32 [K, D]')
+    args = p.parse_args(argv)
+    device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    files = args.features
+    if 'RANK' in os.environ:  # torchrun: one shard of the files per rank
+        dist.init_process_group('nccl' if device == 'cuda' else 'gloo')
+        if device == 'cuda':
+            device = f'cuda:{int(os.environ["LOCAL_RANK"])}'
+        files = files[dist.get_rank()::dist.get_world_size()]
+
+    def chunks(rows=65536):
+        for f in files:
+            a = np.load(f, mmap_mode='r')
+            for i in range(0, len(a), rows):
+                yield torch.from_numpy(np.array(a[i:i + rows]))  # a copy: memmaps are read-only
+
+    km = KMeans(args.k, n_iter=args.n_iter, init=args.init, tol=args.tol, seed=args.seed,
+                spherical=args.spherical, device=device, verbose=True,
+                max_points_per_centroid=args.max_points_per_centroid or None).fit(chunks())
+    if _world()[0] == 0:
+        km.save(args.out)
+        print(f'saved centroids {tuple(km.centroids.shape)} to {args.out}, '
+              f'inertia {km.inertia_:.6g}')
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main()
