@@ -292,6 +292,12 @@ def tiny_vqvae(**kw):
     return vqvae.VQVAE(**{**cfg, **kw}).eval()
 
 
+def save_vqvae(model, path):
+    """A train.py-style tokenizer checkpoint, for VAR and sample.py to load."""
+    train.save_checkpoint(str(path), dict(kind='vqvae', config=vqvae.asdict(model.config),
+                                          model=model.state_dict(), ema=None))
+
+
 def images(b=4, res=16, seed=0):
     return torch.rand(b, 3, res, res, generator=torch.Generator().manual_seed(seed)) * 2 - 1
 
@@ -452,8 +458,7 @@ def test_vqvae_checkpoint_errors_name_the_problem(tmp_path):
 
 def test_vqvae_checkpoint_round_trip_gives_identical_tokens(tmp_path):
     model = tiny_vqvae()
-    train.save_checkpoint(str(tmp_path / 'ckpt.pt'), dict(
-        kind='vqvae', config=vqvae.asdict(model.config), model=model.state_dict(), ema=None))
+    save_vqvae(model, tmp_path / 'ckpt.pt')
     loaded = vqvae.VQVAE.from_checkpoint(tmp_path / 'ckpt.pt').eval()
     x = images()
     assert all(torch.equal(a, b) for a, b in zip(model.img_to_idx(x), loaded.img_to_idx(x)))
@@ -792,8 +797,7 @@ def test_sample_npz_grid_and_zero_shot_edit(tmp_path):
     makes the edit reproduce the input image's own reconstruction exactly."""
     model = tiny_var()
     vae = model.vae[0]
-    train.save_checkpoint(str(tmp_path / 'vae.pt'), dict(
-        kind='vqvae', config=vqvae.asdict(vae.config), model=vae.state_dict(), ema=None))
+    save_vqvae(vae, tmp_path / 'vae.pt')
     train.save_checkpoint(str(tmp_path / 'var.pt'), dict(
         kind='var', config=vqvae.asdict(model.config), model=model.state_dict(), ema=None,
         vae=str(tmp_path / 'vae.pt'), class_names=[f'c{i}' for i in range(10)]))
@@ -887,8 +891,7 @@ def test_train_var_resumes_exactly_and_logs_per_scale(tmp_path):
     """VAR on a frozen tiny tokenizer, from cached tokens: 6 steps == 3 + 3 steps, and the log
     and the final report carry the per-scale loss and accuracy."""
     vae = tiny_vqvae()
-    train.save_checkpoint(str(tmp_path / 'vae.pt'), dict(
-        kind='vqvae', config=vqvae.asdict(vae.config), model=vae.state_dict(), ema=None))
+    save_vqvae(vae, tmp_path / 'vae.pt')
     run = lambda out, *extra: train.main(train.get_args(tiny_run(
         tmp_path / out, '--model', 'var', '--vae', str(tmp_path / 'vae.pt'), '--depth', '2',
         '--lr', '1e-3', *extra)))
@@ -912,8 +915,7 @@ def test_train_var_names_a_missing_or_mismatched_tokenizer(tmp_path):
     with pytest.raises(SystemExit, match='not found: train a tokenizer first'):
         train.main(train.get_args(tiny_run(tmp_path, '--model', 'var', '--vae', 'nope.pt')))
     vae = tiny_vqvae()   # made for 16 px images
-    train.save_checkpoint(str(tmp_path / 'vae.pt'), dict(
-        kind='vqvae', config=vqvae.asdict(vae.config), model=vae.state_dict(), ema=None))
+    save_vqvae(vae, tmp_path / 'vae.pt')
     with pytest.raises(SystemExit, match='made for 16 px images'):
         train.main(train.get_args(tiny_run(tmp_path, '--model', 'var', '--vae',
                                            str(tmp_path / 'vae.pt'), '--resolution', '32')))
@@ -928,18 +930,23 @@ torch.save(model.state_dict(), os.path.join({out!r}, 'rank%s.pt' % os.environ['R
 """
 
 
-def test_train_ddp_two_processes_match_each_other_and_accumulation(tmp_path):
-    """torchrun, 2 gloo ranks x 4 images == 1 process x 4 images x 2 accumulation steps:
-    the same 8 images per step, so the same weights; and both ranks end identical."""
-    argv = tiny_run(tmp_path / 'ddp', '--reseed_every', '0', '--ch', '64', '--lr', '3e-4')
+def torchrun_two_ranks(tmp_path, argv):
+    """`torchrun --nproc_per_node 2` of train.main(argv) on CPU (gloo); the final weights of
+    both ranks."""
     script = tmp_path / 'worker.py'
     script.write_text(DDP_WORKER.format(repo=REPO, argv=argv, out=str(tmp_path)))
     env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')}
     subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone',
                     '--nproc_per_node', '2', str(script)], check=True, env=env, timeout=300,
                    cwd=tmp_path)
-    rank0 = torch.load(tmp_path / 'rank0.pt', weights_only=True)
-    rank1 = torch.load(tmp_path / 'rank1.pt', weights_only=True)
+    return [torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in (0, 1)]
+
+
+def test_train_ddp_two_processes_match_each_other_and_accumulation(tmp_path):
+    """torchrun, 2 gloo ranks x 4 images == 1 process x 4 images x 2 accumulation steps:
+    the same 8 images per step, so the same weights; and both ranks end identical."""
+    argv = tiny_run(tmp_path / 'ddp', '--reseed_every', '0', '--ch', '64', '--lr', '3e-4')
+    rank0, rank1 = torchrun_two_ranks(tmp_path, argv)
     single = train.main(train.get_args(tiny_run(tmp_path / 'one', '--reseed_every', '0',
                                                 '--ch', '64', '--lr', '3e-4')))
     for k, v in single.state_dict().items():
@@ -953,18 +960,10 @@ def test_train_var_ddp_gathers_the_token_cache_and_ranks_agree(tmp_path):
     """torchrun, 2 gloo ranks: each tokenizes half the images, the gathered cache equals a
     single process's tokens in dataset order, and both ranks end with identical weights."""
     vae = tiny_vqvae()
-    train.save_checkpoint(str(tmp_path / 'vae.pt'), dict(
-        kind='vqvae', config=vqvae.asdict(vae.config), model=vae.state_dict(), ema=None))
+    save_vqvae(vae, tmp_path / 'vae.pt')
     argv = tiny_run(tmp_path / 'ddp', '--model', 'var', '--vae', str(tmp_path / 'vae.pt'),
                     '--depth', '2', '--train_images', '21', '--max_iters', '3')
-    script = tmp_path / 'worker.py'
-    script.write_text(DDP_WORKER.format(repo=REPO, argv=argv, out=str(tmp_path)))
-    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')}
-    subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone',
-                    '--nproc_per_node', '2', str(script)], check=True, env=env, timeout=300,
-                   cwd=tmp_path)
-    rank0 = torch.load(tmp_path / 'rank0.pt', weights_only=True)
-    rank1 = torch.load(tmp_path / 'rank1.pt', weights_only=True)
+    rank0, rank1 = torchrun_two_ranks(tmp_path, argv)
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     cache = torch.load(tmp_path / 'ddp' / 'tokens_train.pt', weights_only=True)
     ds = data.build_dataset('builtin', 16, True, size=21)
