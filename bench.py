@@ -4,6 +4,7 @@ Nothing here is a test: numbers depend on the machine.
 
     python bench.py                 # tiny VAR on CPU (and VAR-d16 when a GPU is there)
     python bench.py --depth 16      # a chosen depth
+    python bench.py --kmeans        # K-Means: ours vs faiss-cpu and scikit-learn (if installed)
 
 VAR training: images/s of one optimizer step (teacher forcing, backward, AdamW) from the token
 cache of train.py vs the official trainer's way, which runs the frozen VQVAE on every batch;
@@ -19,6 +20,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
+import kmeans
 import var
 import vqvae
 
@@ -90,7 +92,92 @@ def generate_without_cache(model, labels, cfg):
     return vae.idx_to_img(idx)
 
 
+def make_gmm(n, d, n_comp=2000, seed=0):
+    """Stand-in for un-normalised ViT patch features (kmeans_notes.md 2.1): n_comp anisotropic
+    components (centre offsets with a 1/j variance spectrum) around a common mean of norm 40,
+    log-normal weights, sigma in [0.3, 0.6], 5% broad background noise. -> (n, d) fp32."""
+    g = torch.Generator().manual_seed(seed)
+    scale = 7.8 / torch.arange(1, d + 1).sqrt()                                    # (d,)
+    mean = F.normalize(torch.randn(d, generator=g), dim=0) * 40                    # (d,)
+    centres = mean + torch.randn(n_comp, d, generator=g) * scale                   # (C, d)
+    weights = torch.randn(n_comp, generator=g).exp()                               # log-normal
+    sigma = 0.3 + 0.3 * torch.rand(n_comp, generator=g)                            # (C,)
+    comp = torch.multinomial(weights, n, replacement=True, generator=g)            # (n,)
+    x = centres[comp] + torch.randn(n, d, generator=g) * sigma[comp, None]         # (n, d)
+    noise = torch.rand(n, generator=g) < 0.05
+    x[noise] = mean + torch.randn(int(noise.sum()), d, generator=g) * 2 * scale
+    return x
+
+
+def bench_kmeans(n, d, k, n_iter, threads=2):
+    """The protocol of the module docstring; prints one table row per engine."""
+    torch.set_num_threads(threads)
+    x = make_gmm(n, d)                                                             # (N, D)
+    c0 = x[torch.randperm(n, generator=torch.Generator().manual_seed(0))[:k]]     # (K, D)
+    km = kmeans.KMeans(k, n_iter=n_iter, tol=0, max_points_per_centroid=None)
+    chunk = min(km.chunk_size, n)
+    a, b = torch.randn(chunk, d), torch.randn(d, k)
+    peak = 2 * chunk * d * k / timeit(lambda: torch.mm(a, b), warmup=2, repeat=5)
+
+    def inertia(c):
+        km.centroids = torch.as_tensor(c, dtype=torch.float32).reshape(k, d)
+        return km.assign(x)[1].double().sum().item()
+
+    def ours_from(c):  # fit()'s Lloyd loop, from given centroids (KMeans has no init_centroids)
+        gen = torch.Generator().manual_seed(0)
+        with kmeans.no_tf32():
+            for _ in range(n_iter):
+                c = km._update(c, *km._lloyd_pass(x, c)[:3], gen)
+        return c
+
+    def run(fn):
+        t = time.perf_counter()
+        c = fn()
+        return (time.perf_counter() - t) / n_iter, inertia(c)
+    rows = {'ours (same init)': run(lambda: ours_from(c0.clone()))}
+    try:
+        import faiss
+        faiss.omp_set_num_threads(threads)
+        xn, c0n = x.numpy(), c0.numpy()
+
+        def faiss_fit(**kw):
+            f = faiss.Kmeans(d, k, niter=n_iter, seed=1234, max_points_per_centroid=n)
+            f.train(xn, **kw)
+            return f.centroids
+        rows['faiss-cpu (same init)'] = run(lambda: faiss_fit(init_centroids=c0n))
+    except ImportError:
+        print('faiss-cpu not installed: pip install faiss-cpu')
+    try:
+        from sklearn.cluster import KMeans as SKKMeans
+        from threadpoolctl import threadpool_limits
+        sk = SKKMeans(k, init=c0.numpy(), n_init=1, max_iter=n_iter, tol=0, algorithm='lloyd')
+        with threadpool_limits(threads):  # includes sklearn's extra final E-step
+            rows['sklearn lloyd (same init)'] = run(lambda: sk.fit(x.numpy()).cluster_centers_)
+    except ImportError:
+        print('scikit-learn not installed: pip install scikit-learn')
+    kpp = kmeans.KMeans(k, n_iter=n_iter, tol=0, max_points_per_centroid=None)
+    rows['ours k-means++ (fit incl. init)'] = run(lambda: kpp.fit(x).centroids)
+    if 'faiss-cpu (same init)' in rows:
+        rows['faiss-cpu random init (default)'] = run(faiss_fit)
+
+    print(f'K-Means N={n} D={d} K={k}, {n_iter} iterations, {threads} threads; fp32 torch.mm '
+          f'({chunk}x{d})x({d}x{k}) peak {peak / 1e9:.1f} GFLOP/s; '
+          f'initial inertia {inertia(c0):.5g}')
+    t0, i0 = rows['ours (same init)']
+    print(f'{"implementation":32s} {"s/iter":>7s} {"% peak":>7s} {"final inertia":>14s}  '
+          f'ratio vs ours (time, inertia)')
+    for name, (t, inr) in rows.items():
+        print(f'{name:32s} {t:7.3f} {2 * n * k * d / t / peak * 100:6.1f}% {inr:14.6g}  '
+              f'{t / t0:.2f}x  {inr / i0:.4f}')
+    if 'faiss-cpu random init (default)' in rows:
+        kpp, rnd = rows['ours k-means++ (fit incl. init)'], rows['faiss-cpu random init (default)']
+        ratio = kpp[1] / rnd[1]
+        print(f'defaults: ours k-means++ / faiss random init final inertia {ratio:.4f}')
+
+
 def main(args):
+    if args.kmeans:
+        return bench_kmeans(args.kmeans_n, args.kmeans_d, args.kmeans_k, args.kmeans_iter)
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     configs = [(args.depth or 4, True)]
     if device == 'cuda' and not args.depth:
@@ -130,4 +217,9 @@ if __name__ == '__main__':
     p.add_argument('--depth', type=int, default=0, help='one VAR depth (default: 4, +16 on GPU)')
     p.add_argument('--batch', type=int, default=0, help='training batch (default 32 / 16)')
     p.add_argument('--gen_batch', type=int, default=16, help='images per generate call')
+    p.add_argument('--kmeans', action='store_true', help='the K-Means benchmark instead of VAR')
+    p.add_argument('--kmeans_n', type=int, default=200_000, help='K-Means points')
+    p.add_argument('--kmeans_d', type=int, default=384, help='K-Means feature dimension')
+    p.add_argument('--kmeans_k', type=int, default=1024, help='K-Means centroids')
+    p.add_argument('--kmeans_iter', type=int, default=20, help='K-Means Lloyd iterations')
     main(p.parse_args())

@@ -23,9 +23,11 @@ import data
 import gpt
 import kmeans
 import sample
+import tokenizer
 import train
 import var
 import vqvae
+from tokenizer import DINOv2, DINOV2_CONFIGS
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 REFERENCE = os.path.join(REPO, '..', 'shared', 'reference')
@@ -653,6 +655,168 @@ def test_kmeans_distributed_equals_single_process():
     single = kmeans.KMeans(6, n_iter=6, tol=0.0, max_points_per_centroid=80).fit(x)
     assert torch.equal(c0, c1)                                                # same on all ranks
     torch.testing.assert_close(c0, single.centroids, rtol=0, atol=1e-5)       # = one process
+
+
+# --- tokenizer.py (DINOv2) -------------------------------------------------------------------
+
+TINY = dict(embed_dim=32, depth=4, num_heads=2, img_size=56)   # 4x4 stored position grid
+
+
+def _read_keys(path):
+    """Reference key file: '# header' then 'name<TAB>(shape)<TAB>dtype' per tensor."""
+    keys = {}
+    for line in open(path):
+        if line.strip() and not line.startswith('#'):
+            name, shape = line.split('\t')[:2]
+            keys[name] = tuple(int(s) for s in shape.strip('()').split(',') if s.strip())
+    return keys
+
+
+def _tiny(seed=0, **kw):
+    torch.manual_seed(seed)
+    m = DINOv2(**{**TINY, **kw}).eval()
+    with torch.no_grad():       # non-trivial weights: random gamma, norms, pos_embed, tokens
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return m
+
+
+@pytest.mark.parametrize('name', ['vits14', 'vitb14', 'vitb14_reg4', 'vitl14_reg4'])
+def test_dinov2_keys_match_official(name):
+    path = os.path.join(REFERENCE, f'dinov2_{name}_keys.txt')
+    if not os.path.exists(path):
+        pytest.skip(f'{path} missing')
+    with torch.device('meta'):
+        m = DINOv2(**DINOV2_CONFIGS[name])
+    ours = {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    assert ours == _read_keys(path)
+
+
+def test_dinov2_vitg14_swiglu_shapes():
+    with torch.device('meta'):
+        m = DINOv2(**DINOV2_CONFIGS['vitg14_reg4'])
+    sd = m.state_dict()
+    assert len([k for k in sd if k.endswith('mlp.w12.weight')]) == 40
+    assert sd['blocks.0.mlp.w12.weight'].shape == (8192, 1536)   # hidden 4096 (official rule)
+    assert sd['blocks.0.mlp.w3.weight'].shape == (1536, 4096)
+    assert sd['register_tokens'].shape == (1, 4, 1536)
+
+
+def test_dinov2_from_checkpoint_infers_variant(tmp_path):
+    for name in ['vits14', 'vitb14_reg4']:
+        with torch.device('meta'):
+            shapes = DINOv2(**DINOV2_CONFIGS[name]).state_dict()
+        sd = {k: torch.full(v.shape, i / 1000) for i, (k, v) in enumerate(shapes.items())}
+        path = tmp_path / f'{name}.pth'
+        torch.save(sd, path)
+        m = DINOv2.from_checkpoint(path)
+        got = m.config.__dict__
+        assert {k: got[k] for k in DINOV2_CONFIGS[name]} == DINOV2_CONFIGS[name], name
+        assert got['img_size'] == 518 and not any(p.requires_grad for p in m.parameters())
+        assert not any(p.is_meta for p in m.parameters())
+        assert all(torch.equal(m.state_dict()[k], v) for k, v in sd.items())   # every tensor used
+        del sd, m
+
+
+def test_dinov2_from_checkpoint_rejects_wrong_file(tmp_path):
+    torch.save({'weight': torch.zeros(3)}, tmp_path / 'other.pth')
+    with pytest.raises(ValueError, match='not a DINOv2 state dict'):
+        DINOv2.from_checkpoint(tmp_path / 'other.pth')
+    sd = _tiny().state_dict()
+    sd['blocks.0.attn.qkv.weight'] = torch.zeros(96, 16)          # wrong shape
+    sd['blocks.0.extra'] = torch.zeros(1)                         # unexpected key
+    del sd['norm.bias']                                           # missing key
+    torch.save(sd, tmp_path / 'bad.pth')
+    with pytest.raises(ValueError) as e:
+        DINOv2.from_checkpoint(tmp_path / 'bad.pth', num_heads=2)
+    msg = str(e.value)
+    assert 'norm.bias' in msg and 'blocks.0.extra' in msg and 'blocks.0.attn.qkv.weight' in msg
+    with pytest.raises(ValueError, match='unknown DINOv2 name'):
+        DINOv2.from_checkpoint(tmp_path / 'bad.pth', name='vitx14')
+
+
+@pytest.mark.parametrize('reg', [0, 4])
+def test_dinov2_interpolate_pos_encoding(reg):
+    kw = DINOV2_CONFIGS['vits14_reg4' if reg else 'vits14']
+    m = DINOv2(**{**TINY, **{k: v for k, v in kw.items() if 'interp' in k or 'reg' in k},
+                  'img_size': 518})
+    for (H, W), (h, w) in [((224, 224), (16, 16)), ((98, 140), (7, 10)), ((518, 518), (37, 37))]:
+        pos = m.interpolate_pos_encoding(torch.zeros(1, 1 + h * w, 32), H, W)
+        assert pos.shape == (1, 1 + h * w, 32)
+        assert torch.equal(pos[:, 0], m.pos_embed[:, 0])           # cls position kept
+    native = m.interpolate_pos_encoding(torch.zeros(1, 1 + 37 * 37, 32), 518, 518)
+    assert native is m.pos_embed                                  # returned unchanged
+    # a constant grid stays constant under bicubic resizing (weights sum to 1)
+    with torch.no_grad():
+        m.pos_embed[:, 1:] = 0.5
+    pos = m.interpolate_pos_encoding(torch.zeros(1, 1 + 70, 32), 98, 140)
+    assert torch.allclose(pos[:, 1:], torch.full_like(pos[:, 1:], 0.5), atol=1e-5)
+
+
+@pytest.mark.parametrize('reg', [0, 4])
+def test_dinov2_get_intermediate_layers(reg):
+    m = _tiny(num_register_tokens=reg)
+    x = torch.randn(2, 3, 42, 70)                                 # 3x5 patches, non-native
+    with torch.no_grad():
+        out = m.get_intermediate_layers(x, n=2)
+        assert len(out) == 2 and all(o.shape == (2, 15, 32) for o in out)
+        lst = m.get_intermediate_layers(x, n=[0, 3], norm=False)
+        raw = m.get_intermediate_layers(x, n=[2, 3], norm=False)
+        ff = m.forward_features(x)
+        assert torch.allclose(out[1], ff['x_norm_patchtokens'], atol=1e-6)   # last = norm(final)
+        assert torch.allclose(lst[1], ff['x_prenorm'][:, 1 + reg:], atol=1e-6)
+        # norm=True applies the final LayerNorm to the same block outputs
+        assert torch.allclose(out[0], m.norm(raw[0]), atol=1e-6)
+        assert not torch.allclose(out[0], raw[0], atol=1e-3)
+        rs = m.get_intermediate_layers(x, n=[1], reshape=True, return_class_token=True)
+        (patches, cls), = rs
+        assert patches.shape == (2, 32, 3, 5) and cls.shape == (2, 32)
+        flat = m.get_intermediate_layers(x, n=[1])[0]
+        assert torch.equal(patches.flatten(2).transpose(1, 2), flat)   # row-major patch order
+        # DiGIT's layer: n=[depth-3] equals the first of the last three
+        assert torch.equal(m.get_intermediate_layers(x, n=[1])[0],
+                           m.get_intermediate_layers(x, n=3)[0])
+    for bad in (0, 5, [4], [1, 1]):
+        with pytest.raises(ValueError):
+            m.get_intermediate_layers(x, n=bad)
+
+
+def test_dinov2_tiny_deterministic_and_permutation_equivariant():
+    m = _tiny()
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        a, b = m.forward_features(x), m.forward_features(x)
+        assert torch.equal(a['x_prenorm'], b['x_prenorm'])
+        assert torch.allclose(_tiny()(x), m(x)) and torch.isfinite(a['x_prenorm']).all()
+        # blocks have no positional mixing except attention, which is permutation-equivariant
+        t = m.prepare_tokens(x)                                   # (B, T, C)
+        perm = torch.randperm(t.shape[1])
+        y = t
+        for blk in m.blocks:
+            y = blk(y)
+        y_perm = t[:, perm]
+        for blk in m.blocks:
+            y_perm = blk(y_perm)
+        assert torch.allclose(y[:, perm], y_perm, atol=1e-5)
+        # a mask replaces patch embeddings by mask_token
+        masks = torch.zeros(2, 16, dtype=torch.bool)
+        masks[:, 3] = True
+        tm = m.prepare_tokens(x, masks)
+        pos = m.interpolate_pos_encoding(tm, 56, 56)
+        assert torch.allclose(tm[:, 4], m.mask_token + pos[:, 4], atol=1e-6)
+
+
+def test_dinov2_swiglu_and_no_layerscale():
+    m = _tiny(ffn='swiglu', layerscale=False)
+    assert 'blocks.0.ls1.gamma' not in m.state_dict()
+    assert m.blocks[0].mlp.w12.weight.shape == (2 * 88, 32)       # (int(128*2/3)+7)//8*8 = 88
+    with torch.no_grad():
+        blk, t = m.blocks[0], torch.randn(1, 5, 32)
+        h = t + blk.attn(blk.norm1(t))
+        x1, x2 = blk.mlp.w12(blk.norm2(h)).chunk(2, -1)
+        ref = h + blk.mlp.w3(torch.nn.functional.silu(x1) * x2)
+        assert torch.allclose(blk(t), ref, atol=1e-6)
+    assert tokenizer.IMAGENET_MEAN == (0.485, 0.456, 0.406)
 
 
 # --- gpt.py, var.py ----------------------------------------------------------------------------
