@@ -202,10 +202,11 @@ class KMeans:
         return [(x, key)], tau
 
     # ---- fit ----------------------------------------------------------------------------------
-    def fit(self, data):
+    def fit(self, data, init_centroids=None):
         """data: a tensor or array (N, D), or an iterable of (n_i, D) chunks (e.g. memory-mapped
         .npy shards), read once; the (sub)sample is kept in memory. Under torch.distributed every
-        rank passes its own shard. Returns self, with centroids (K, D) and inertia_."""
+        rank passes its own shard. init_centroids (K, D): start Lloyd from these instead of the
+        init (the same on every rank). Returns self, with centroids (K, D) and inertia_."""
         if isinstance(data, np.ndarray):
             data = torch.from_numpy(data)
         K, (rank, world) = self.n_clusters, _world()
@@ -224,7 +225,11 @@ class KMeans:
             cand_x, cand_key = _all_gather_cat(x[idx]), _all_gather_cat(key[idx])
             sample = cand_x[torch.argsort(cand_key, stable=True)[:S]]          # (S, D)
             gen = torch.Generator().manual_seed(self.seed)
-            if self.init == 'k-means++':
+            if init_centroids is not None:
+                c = self._prepare(init_centroids, x.shape[1])                      # (K, D)
+                if len(c) != K:
+                    raise ValueError(f'kmeans: init_centroids has {len(c)} rows, not {K}')
+            elif self.init == 'k-means++':
                 c = kmeans_pp(sample, K, 2 + int(math.log(K)), gen)            # (K, D)
             else:
                 c = sample[torch.randperm(S, generator=gen)[:K].to(x.device)]  # (K, D)

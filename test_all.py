@@ -657,6 +657,17 @@ def test_kmeans_distributed_equals_single_process():
     torch.testing.assert_close(c0, single.centroids, rtol=0, atol=1e-5)       # = one process
 
 
+def test_kmeans_fit_from_given_centroids():
+    x, _, _ = blobs()
+    c0 = x[:5].clone()
+    km = kmeans.KMeans(5, n_iter=0, max_points_per_centroid=None).fit(x, init_centroids=c0)
+    assert torch.equal(km.centroids, c0)                    # no update: the given start
+    km = kmeans.KMeans(5, n_iter=5, max_points_per_centroid=None).fit(x, init_centroids=c0)
+    assert km.inertia_history[-1] <= km.inertia_history[0]
+    with pytest.raises(ValueError, match='init_centroids has 4 rows, not 5'):
+        kmeans.KMeans(5).fit(x, init_centroids=c0[:4])
+
+
 # --- tokenizer.py (DINOv2) -------------------------------------------------------------------
 
 TINY = dict(embed_dim=32, depth=4, num_heads=2, img_size=56)   # 4x4 stored position grid
