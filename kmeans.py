@@ -6,7 +6,7 @@ self-supervised ViT into K centroids and uses the index of the nearest centroid 
     init     greedy k-means++ (Arthur & Vassilvitskii 2007, sklearn's 2 + ln K local trials)
              on a random sample of 16 K points, or K random sample points ('random', faiss)
     E-step   a(x) = argmin_k ||x - c_k||^2 = argmin_k (||c_k||^2 - 2 x.c_k), chunked fp32 addmm
-    M-step   c_k = sum_{a(x)=k} x / n_k, sums and counts accumulated in float64
+    M-step   c_k = sum_{a(x)=k} x / n_k, sums in fp32 within a chunk and float64 across chunks
     objective  inertia = sum_x ||x - c_a(x)||^2
 
 DiGIT ran faiss.Kmeans(d, 8192, niter=20) (random init, 256 points per centroid, CPU) and
@@ -125,7 +125,8 @@ class KMeans:
     centroids (cosine K-Means, ||x - c||^2 = 2 - 2 cos); max_points_per_centroid: train on a random
     subsample of at most K * this many points (faiss: 256, None = all); init_sample_per_centroid:
     k-means++ runs on a sample of K * this many points; chunk_size: rows per distance block
-    (default: about 256 MiB of distances); device: where to compute (default: the data's)."""
+    (default: 64 MiB of distances, at most 16384 rows); device: where to compute (default: the
+    data's)."""
 
     def __init__(self, n_clusters, n_iter=20, init='k-means++', tol=1e-4, seed=0, spherical=False,
                  max_points_per_centroid=256, init_sample_per_centroid=16, chunk_size=None,
@@ -135,7 +136,8 @@ class KMeans:
         self.seed, self.device, self.verbose = seed, device, verbose
         self.spherical, self.max_points_per_centroid = spherical, max_points_per_centroid
         self.init_sample_per_centroid = init_sample_per_centroid
-        self.chunk_size = chunk_size or int(min(max((256 << 20) // (4 * n_clusters), 1024), 65536))
+        # 64 MiB of fp32 distances per block, at most 16384 rows: measured fastest on CPU
+        self.chunk_size = chunk_size or int(min(max((64 << 20) // (4 * n_clusters), 1024), 16384))
         self.centroids = None      # (K, D) float32
         self.inertia_ = None       # inertia of the returned centroids
         self.inertia_history = []  # [i] = inertia after i updates (length <= n_iter + 1)
@@ -264,9 +266,10 @@ class KMeans:
         c_sq = (c * c).sum(1)                                                  # (K,)
         for chunk in x.split(self.chunk_size):
             labels, sq = assign_chunk(chunk, c, c_sq)                          # (m,), (m,)
-            sums.index_add_(0, labels, chunk.double())
-            counts.index_add_(0, labels, torch.ones_like(sq, dtype=torch.float64))
-            sse.index_add_(0, labels, sq.double())
+            # fp32 sums within a chunk (8x faster than casting rows), float64 across chunks
+            sums += torch.zeros_like(c).index_add_(0, labels, chunk)
+            counts += torch.bincount(labels, minlength=K)
+            sse += torch.zeros_like(c_sq).index_add_(0, labels, sq)
         buf[-1] = sse.sum()
         if _world()[1] > 1:
             dist.all_reduce(buf)
