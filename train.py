@@ -309,25 +309,23 @@ def tokenize(vae, dataset, path, args, device, rank, world, limit=None):
     return TokenDataset(tokens.to(dtype), labels)
 
 
-def var_loss(model, vae, batch, args, device, with_parts=True):
+def var_loss(model, vae, batch, args, device):
     """Cross-entropy over all L tokens (mean, as the official trainer), and per scale the
     loss and the accuracy. batch: cached tokens (B, L) or images (tokenized here)."""
-    data_, labels = batch[0].to(device, non_blocking=True), batch[1].to(device)
-    if data_.ndim == 4:    # images: tokenize now (random crops included)
-        data_ = torch.cat(vae.img_to_idx(data_), 1)                                 # (B, L)
-    idx = data_.split([pn * pn for pn in vae.config.patch_nums], dim=1)           # K x (B, l)
+    tokens, labels = batch[0].to(device, non_blocking=True), batch[1].to(device)
+    if tokens.ndim == 4:    # images, not cached tokens: tokenize now (random crops included)
+        tokens = torch.cat(vae.img_to_idx(tokens), 1)                                # (B, L)
+    idx = tokens.split([pn * pn for pn in vae.config.patch_nums], dim=1)           # K x (B, l)
     x = vae.idx_to_var_input(idx)                                                   # (B, L-1, C)
     logits = model(labels, x)                                                       # (B, L, V)
-    ce = F.cross_entropy(logits.flatten(0, 1), data_.flatten(), reduction='none',
-                         label_smoothing=args.label_smooth).view(data_.shape)       # (B, L)
-    parts = {}
-    if with_parts:
-        hit = (logits.detach().argmax(-1) == data_).float()
-        start = 0
-        for k, pn in enumerate(vae.config.patch_nums):
-            parts[f'ce_{k}'] = ce[:, start:start + pn * pn].detach().mean()
-            parts[f'acc_{k}'] = hit[:, start:start + pn * pn].mean() * 100
-            start += pn * pn
+    ce = F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction='none',
+                         label_smoothing=args.label_smooth).view(tokens.shape)       # (B, L)
+    parts, start = {}, 0
+    hit = (logits.detach().argmax(-1) == tokens).float()                           # (B, L)
+    for k, pn in enumerate(vae.config.patch_nums):
+        parts[f'ce_{k}'] = ce[:, start:start + pn * pn].detach().mean()
+        parts[f'acc_{k}'] = hit[:, start:start + pn * pn].mean() * 100
+        start += pn * pn
     return ce.mean(), parts
 
 
