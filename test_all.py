@@ -840,6 +840,210 @@ def test_dinov2_swiglu_and_no_layerscale():
     assert tokenizer.IMAGENET_MEAN == (0.485, 0.456, 0.406)
 
 
+# --- tokenizer.py (the DiGIT tokenizer, the stand-in encoder, stability) ---------------------
+
+def _tokenizer(k=6, seed=0):
+    """A fitted tokenizer on a tiny random ViT (patch 14, 4x4 stored grid), 56 px images."""
+    torch.manual_seed(seed)
+    tok = tokenizer.Tokenizer(_tiny(seed), layer=2, resolution=56)
+    return tok.fit([images(8, 56, seed=1), images(8, 56, seed=2)], k, n_iter=5)
+
+
+def test_tokenizer_encode_is_nearest_centroid_of_block_features():
+    """features = the ViT's block-`layer` output after the final norm, of the [0, 1] image
+    resized to `resolution` (bicubic) and normalised with ImageNet mean/std; encode = argmin
+    of the Euclidean distance to the centroids (brute force here)."""
+    tok = _tokenizer()
+    img = images(3, 40, seed=5)                                              # resized to 56
+    x = F.interpolate((img + 1) / 2, size=(56, 56), mode='bicubic', align_corners=False)
+    x = (x - torch.tensor(tokenizer.IMAGENET_MEAN).view(1, 3, 1, 1)) / \
+        torch.tensor(tokenizer.IMAGENET_STD).view(1, 3, 1, 1)
+    blocks = tok.encoder.get_intermediate_layers(x, n=4, norm=True)          # blocks 0..3
+    torch.testing.assert_close(tok.features(img), blocks[2], atol=1e-5, rtol=0)
+    tokens = tok.encode(img)
+    assert tokens.shape == (3, 16) and tokens.dtype == torch.int64
+    brute = torch.cdist(blocks[2].reshape(-1, 32).double(), tok.centroids.double()).argmin(1)
+    assert torch.equal(tokens.flatten(), brute)
+    assert len(tokens.unique()) > 1   # not a degenerate codebook
+
+
+def test_tokenizer_save_load_round_trip_identical_tokens(tmp_path):
+    tok = _tokenizer()
+    tok.save(str(tmp_path / 'tok.pt'))
+    back = tokenizer.Tokenizer.load(str(tmp_path / 'tok.pt'))
+    img = images(4, 56, seed=7)
+    assert torch.equal(back.encode(img), tok.encode(img))
+    assert torch.equal(back.centroids, tok.centroids)
+    assert (back.layer, back.resolution, back.vocab_size, back.grid) == (2, 56, 6, 4)
+    torch.save({'kind': 'var'}, tmp_path / 'other.pt')
+    with pytest.raises(ValueError, match='not a tokenizer'):
+        tokenizer.Tokenizer.load(str(tmp_path / 'other.pt'))
+
+
+def test_tokenizer_errors_name_the_problem():
+    vit = _tiny()
+    with pytest.raises(ValueError, match='layer 4 is not a block'):
+        tokenizer.Tokenizer(vit, layer=4, resolution=56)
+    with pytest.raises(ValueError, match='not a multiple of patch 14'):
+        tokenizer.Tokenizer(vit, layer=1, resolution=50)
+    with pytest.raises(ValueError, match=r'expected \[K, 32\]'):
+        tokenizer.Tokenizer(vit, layer=1, resolution=56, centroids=torch.zeros(8, 768))
+    with pytest.raises(RuntimeError, match='no centroids'):
+        tokenizer.Tokenizer(vit, layer=1, resolution=56).encode(images(1, 56))
+
+
+def test_tokenizer_cli_loads_dinov2_pth_and_released_centroids(tmp_path):
+    """`fit --encoder dinov2.pth --centroids km.npy`: DiGIT's recipe (block depth-3, 224 px,
+    pos_embed offset 0.1 without antialias even for registers) and the [K, C] file as is."""
+    vit = _tiny(num_register_tokens=4, interpolate_antialias=True, interpolate_offset=0.0)
+    torch.save(vit.state_dict(), tmp_path / 'dinov2_reg4.pth')       # an official-layout file
+    km = np.random.default_rng(0).standard_normal((10, 32)).astype(np.float32)
+    np.save(tmp_path / 'km.npy', km)
+    tokenizer.main(['fit', '--encoder', str(tmp_path / 'dinov2_reg4.pth'), '--centroids',
+                    str(tmp_path / 'km.npy'), '--out', str(tmp_path / 'tok.pt')])
+    tok = tokenizer.Tokenizer.load(str(tmp_path / 'tok.pt'))
+    assert (tok.layer, tok.resolution, tok.grid) == (1, 224, 16)
+    cfg = tok.encoder.config
+    assert (cfg.num_register_tokens, cfg.interpolate_offset, cfg.interpolate_antialias) == \
+        (4, 0.1, False)
+    assert np.array_equal(tok.centroids.numpy(), km)
+    assert tok.encode(images(1, 64)).shape == (1, 256)
+    np.save(tmp_path / 'bad.npy', km[:, :16])
+    with pytest.raises(ValueError, match=r'\(10, 16\) do not fit'):
+        tokenizer.main(['fit', '--encoder', str(tmp_path / 'dinov2_reg4.pth'), '--centroids',
+                        str(tmp_path / 'bad.npy'), '--out', str(tmp_path / 'bad.pt')])
+
+
+def test_crop_views_and_matching_points_agree_with_the_pixels():
+    """On a linear image (bilinear resampling is exact on it): a view shows image point
+    scale * u + shift at u, and view 1 sampled at matching_points equals view 2 at its patch
+    centres wherever both views see the point (flips included)."""
+    n, H = 4, 32
+    ys, xs = torch.meshgrid(*(((torch.arange(H) + 0.5) / H * 2 - 1,) * 2), indexing='ij')
+    img = torch.stack([xs, ys, 0.3 * xs - 0.7 * ys]).unsqueeze(0).repeat(5, 1, 1, 1)  # (5,3,H,W)
+    g = torch.Generator().manual_seed(0)
+    s = 0.5 + 0.5 * torch.rand(2, 5, generator=g)
+    scale = torch.stack([s * torch.tensor([[1, -1, 1, -1, 1.]] * 2), s], -1)          # (2,5,2)
+    shift = (1 - s).unsqueeze(-1) * (2 * torch.rand(2, 5, 2, generator=g) - 1)
+    views = [tokenizer.crop_views(img, scale[v], shift[v]) for v in (0, 1)]
+    p, inside = tokenizer.matching_points(scale, shift, n)                   # (5, 16, 2)
+    c = (2 * torch.arange(n) + 1) / n - 1
+    cy, cx = torch.meshgrid(c, c, indexing='ij')
+    u = torch.stack([cx, cy], -1).view(1, n * n, 1, 2).expand(5, -1, -1, -1)
+    at = lambda x, q: F.grid_sample(x, q, align_corners=False)[..., 0]       # (5, 3, 16)
+    torch.testing.assert_close(at(views[1], u), at(img, scale[1, :, None, None] * u
+                                                   + shift[1, :, None, None]), atol=1e-5, rtol=0)
+    both = at(views[0], p.unsqueeze(2)) - at(views[1], u)                    # (5, 3, 16)
+    interior = (p.abs() <= 1 - 1 / H).all(-1)   # half a pixel in: no border padding involved
+    assert interior.float().mean() > 0.3 and not (interior & ~inside).any()
+    assert both.abs().amax(1)[interior].max() < 1e-5
+
+
+def test_info_nce_formula_and_mask():
+    a = F.normalize(torch.randn(6, 4), dim=1)
+    b = F.normalize(torch.randn(6, 4), dim=1)
+    loss, acc = tokenizer.info_nce(a, b, 0.5)
+    logits = a @ b.T / 0.5
+    manual = -(logits.diag() - logits.logsumexp(1)).mean() / 2 \
+        - (logits.diag() - logits.logsumexp(0)).mean() / 2
+    torch.testing.assert_close(loss, manual)
+    assert acc == (logits.argmax(1) == torch.arange(6)).float().mean()
+    all_but_diagonal = ~torch.eye(6, dtype=torch.bool)
+    assert tokenizer.info_nce(a, b, 0.5, all_but_diagonal)[0] == 0   # no negatives left
+    assert tokenizer.info_nce(a, a, 0.01)[1] == 1                     # self-retrieval
+
+
+def test_contrastive_vit_loss_falls_and_views_are_reproducible():
+    torch.manual_seed(0)
+    m = tokenizer.ContrastiveViT(embed_dim=32, depth=2, num_heads=1, patch_size=8)
+    img = images(8, 32, seed=3)
+    g = lambda: torch.Generator().manual_seed(1)
+    v1, v2 = tokenizer.random_views(img, 0.5, g()), tokenizer.random_views(img, 0.5, g())
+    assert all(torch.equal(x, y) for x, y in zip(v1, v2))
+    assert v1[0].shape == (16, 3, 32, 32) and v1[0].abs().max() <= 1
+    opt = torch.optim.Adam(m.parameters(), 3e-3)
+    losses = []
+    for _ in range(15):
+        loss, parts = m(img, g())     # the same views: the loss must fall
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert set(parts) == {'glob', 'patch', 'acc_g', 'acc_p'}
+
+
+def test_add_noise_has_the_requested_snr():
+    img = images(2, 64, seed=0)
+    for snr in (20, 0.01):
+        noise = (tokenizer.add_noise(img, snr, torch.Generator().manual_seed(0)) - img) / 2
+        signal = ((img + 1) / 2).pow(2).mean((1, 2, 3))
+        measured = 10 * torch.log10(signal / noise.pow(2).mean((1, 2, 3)))
+        torch.testing.assert_close(measured, torch.full((2,), float(snr)), atol=0.1, rtol=0)
+
+
+def test_stability_counts_token_changes_and_cosines():
+    """A fake encoder whose tokens are the sign of the pixels: no noise -> change 0, cos 1;
+    the change rate equals the flipped-sign fraction computed by hand; more noise, more change."""
+    fn = lambda x: (x.flatten(1).unsqueeze(-1).repeat(1, 1, 2), (x.flatten(1) > 0).long())
+    img = images(4, 16, seed=1)
+    r = tokenizer.stability({'sign': fn}, [img], snrs=(300, 10, 0.01), seed=3)['sign']
+    assert r['change'][0] == 0 and abs(r['cos'][0] - 1) < 1e-6
+    g = torch.Generator().manual_seed(3)
+    noisy = [tokenizer.add_noise(img, s, g) for s in (300, 10, 0.01)]
+    assert abs(r["change"][1] - ((noisy[1] > 0) != (img > 0)).double().mean().item()) < 1e-12
+    assert r['change'][1] < r['change'][2] and r['cos'][1] > r['cos'][2]
+
+
+def test_stability_cli_prints_table(tmp_path, capsys):
+    tok = _tokenizer()
+    tok.save(str(tmp_path / 'tok.pt'))
+    save_vqvae(tiny_vqvae(), tmp_path / 'vae.pt')
+    table = tokenizer.main(['stability', '--tokenizer', str(tmp_path / 'tok.pt'), '--vae',
+                            str(tmp_path / 'vae.pt'), '--images', '6'])
+    out = capsys.readouterr().out
+    assert 'VQ token change' in out and 'Disc cos-sim' in out and '0.01' in out
+    assert set(table) == {'VQ', 'Disc'} and len(table['VQ']['change']) == 8
+
+
+TOKENIZER_DDP_WORKER = '''
+import os, sys, torch
+sys.path.insert(0, {repo!r})
+import torch.distributed as dist, tokenizer
+dist.init_process_group('gloo')
+rank = dist.get_rank()
+torch.manual_seed(0)
+vit = tokenizer.ContrastiveViT(embed_dim=32, depth=3, num_heads=1, patch_size=8).vit
+tok = tokenizer.Tokenizer(vit, layer=0, resolution=32)
+imgs = torch.load({imgs!r})
+tok.fit([imgs[rank::2]], 8, n_iter=6)
+torch.save(tok.centroids, os.path.join({out!r}, f'rank{{rank}}.pt'))
+dist.destroy_process_group()
+'''
+
+
+def test_tokenizer_fit_over_two_ranks(tmp_path):
+    """torchrun, 2 gloo ranks each with half of the images: both ranks end with the same
+    centroids, as good (inertia over all features within 3%) as one process on all images."""
+    imgs = images(16, 32, seed=4)
+    torch.save(imgs, tmp_path / 'imgs.pt')
+    script = tmp_path / 'worker.py'
+    script.write_text(TOKENIZER_DDP_WORKER.format(repo=REPO, imgs=str(tmp_path / 'imgs.pt'),
+                                                  out=str(tmp_path)))
+    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')}
+    subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone',
+                    '--nproc_per_node', '2', str(script)], check=True, env=env, timeout=300,
+                   cwd=tmp_path)
+    c0, c1 = (torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in (0, 1))
+    assert torch.equal(c0, c1)
+    torch.manual_seed(0)
+    vit = tokenizer.ContrastiveViT(embed_dim=32, depth=3, num_heads=1, patch_size=8).vit
+    one = tokenizer.Tokenizer(vit, layer=0, resolution=32).fit([imgs], 8, n_iter=6)
+    f = one.features(imgs).flatten(0, 1)                                     # (256, 32)
+    inertia = lambda c: torch.cdist(f, c).min(1).values.pow(2).sum()
+    assert inertia(c0) < 1.03 * inertia(one.centroids)
+
+
 # --- gpt.py, var.py ----------------------------------------------------------------------------
 
 def tiny_var(vae=None, **kw):

@@ -19,13 +19,22 @@ lists, no FSDP block chunks; chunked `blocks.{chunk}.{i}` keys are renamed on lo
 get_intermediate_layers stops after the last requested block (same outputs, less compute).
 Test: `python -m pytest test_all.py -k dinov2`.
 """
+import argparse
 import math
+import os
 import re
 from dataclasses import dataclass, asdict
 
+import numpy as np
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+import kmeans
+import vqvae
 
 # ImageNet statistics: DINOv2 and DiGIT normalise [0, 1] images with these before the ViT
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -305,3 +314,397 @@ class DINOv2(nn.Module):
                              f'shape mismatch {shapes[:8]}')
         model.load_state_dict(state, strict=True, assign=True)
         return model.eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------
+# The discriminative tokenizer: ViT features -> nearest K-Means centroid
+
+class Tokenizer(nn.Module):
+    """DiGIT's tokenizer (Sec. 3): token = argmin_k ||f - c_k||^2, f the block-`layer` feature of
+    a patch (after the final norm), c the K-Means centroids (K, C). img (B, 3, H, W) in [-1, 1]
+    is resized to `resolution` (bicubic, DiGIT's 256 -> 224), normalised with the ImageNet
+    mean/std, and gives (B, L) token ids in raster order of the (resolution / patch)^2 grid.
+    Distances are fp32 with TF32 off (DiGIT's fp16 run computed them in fp16)."""
+
+    def __init__(self, encoder, layer, resolution, centroids=None):
+        super().__init__()
+        cfg = encoder.config
+        if not 0 <= layer < cfg.depth:
+            raise ValueError(f'layer {layer} is not a block of this {cfg.depth}-block ViT')
+        if resolution % cfg.patch_size:
+            raise ValueError(f'resolution {resolution} is not a multiple of patch {cfg.patch_size}')
+        self.encoder = encoder.eval().requires_grad_(False)
+        self.layer, self.resolution = layer, resolution
+        self.register_buffer('mean', torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer('std', torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer('centroids', None)   # (K, C) float32, set by fit() or given
+        if centroids is not None:
+            self.set_centroids(centroids)
+
+    def set_centroids(self, centroids):
+        c = torch.as_tensor(centroids, dtype=torch.float32)
+        if c.ndim != 2 or c.shape[1] != self.encoder.config.embed_dim:
+            raise ValueError(f'centroids of shape {tuple(c.shape)} do not fit this encoder: '
+                             f'expected [K, {self.encoder.config.embed_dim}]')
+        self.centroids = c.to(self.mean.device)
+
+    @property
+    def vocab_size(self):
+        return self.centroids.shape[0]
+
+    @property
+    def grid(self):
+        return self.resolution // self.encoder.config.patch_size   # tokens per side
+
+    def train(self, mode=True):   # frozen: the encoder stays in eval mode
+        return super().train(False)
+
+    @torch.no_grad()
+    def features(self, img):
+        """img (B, 3, H, W) in [-1, 1] -> block-`layer` patch features (B, L, C), fp32."""
+        x = (img.float() + 1) / 2                                             # [0, 1]
+        if x.shape[-2:] != (self.resolution, self.resolution):
+            x = F.interpolate(x, size=(self.resolution,) * 2, mode='bicubic', align_corners=False)
+        x = (x - self.mean) / self.std
+        return self.encoder.get_intermediate_layers(x, n=[self.layer], norm=True)[0].float()
+
+    @torch.no_grad()
+    def nearest(self, f):
+        """Features (..., C) -> id of the nearest centroid (...), chunked fp32 (kmeans.py)."""
+        if self.centroids is None:
+            raise RuntimeError('tokenizer has no centroids: fit() it or load a saved one')
+        km = kmeans.KMeans(self.vocab_size)
+        km.centroids = self.centroids
+        return km.predict(f.reshape(-1, f.shape[-1])).view(f.shape[:-1])
+
+    def encode(self, img):
+        """img (B, 3, H, W) in [-1, 1] -> token ids (B, L) int64, L = grid^2."""
+        return self.nearest(self.features(img))
+
+    def fit(self, batches, k, n_iter=20, seed=0, max_points_per_centroid=256, verbose=False):
+        """K-Means (kmeans.py, k-means++ init) on the patch features of an iterable of image
+        batches (B, 3, H, W); under torch.distributed each rank passes its own batches and
+        every rank ends with the same centroids. At most k * max_points_per_centroid features
+        are kept (a uniform sample, as faiss), so memory stays bounded. Returns self."""
+        chunks = (self.features(img.to(self.mean.device)).flatten(0, 1) for img in batches)
+        km = kmeans.KMeans(k, n_iter=n_iter, seed=seed, verbose=verbose,
+                           max_points_per_centroid=max_points_per_centroid).fit(chunks)
+        self.set_centroids(km.centroids)
+        self.inertia_ = km.inertia_
+        return self
+
+    def save(self, path):
+        """One file, loadable with weights_only=True: encoder config and weights, layer,
+        resolution and centroids. Written atomically."""
+        state = dict(kind='tokenizer', encoder_config=asdict(self.encoder.config),
+                     encoder=self.encoder.state_dict(), layer=self.layer,
+                     resolution=self.resolution, centroids=self.centroids.cpu())
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        torch.save(state, f'{path}.tmp')
+        os.replace(f'{path}.tmp', path)
+
+    @classmethod
+    def load(cls, path):
+        state = torch.load(path, map_location='cpu', weights_only=True)
+        if not isinstance(state, dict) or state.get('kind') != 'tokenizer':
+            raise ValueError(f'{path} is not a tokenizer saved by tokenizer.py (a DINOv2 .pth or '
+                             'a train.py --model ssl checkpoint goes to `tokenizer.py fit --encoder`)')
+        encoder = DINOv2(**state['encoder_config'])
+        encoder.load_state_dict(state['encoder'])
+        return cls(encoder, state['layer'], state['resolution'], state['centroids'])
+
+
+def load_encoder(path):
+    """A frozen ViT and its tokenizer defaults {layer, resolution, k}, from an official DINOv2
+    .pth (DiGIT's recipe: block depth-3, 224 px, K 8192, the pos_embed resized with offset 0.1
+    and no antialias as DiGIT's copy of DINOv2 does, also for `_reg4`), or from a `train.py
+    --model ssl` checkpoint (the offline stand-in: its EMA weights if any, block depth-3, its
+    training resolution, K 512)."""
+    state = torch.load(path, map_location='cpu', weights_only=True)
+    if isinstance(state, dict) and state.get('kind') == 'ssl':
+        model = ContrastiveViT(**state['config'])
+        model.load_state_dict(state['ema'] or state['model'])
+        vit = model.vit.eval().requires_grad_(False)
+        return vit, dict(layer=vit.config.depth - 3, resolution=vit.config.img_size, k=512)
+    if isinstance(state, dict) and 'kind' in state:
+        raise ValueError(f"{path} holds a train.py {state['kind']} run, not an encoder: pass a "
+                         'DINOv2 .pth or a train.py --model ssl checkpoint')
+    vit = DINOv2.from_checkpoint(path, interpolate_offset=0.1, interpolate_antialias=False)
+    return vit, dict(layer=vit.config.depth - 3, resolution=224, k=8192)
+
+
+# ----------------------------------------------------------------------------------------------
+# The offline stand-in encoder: a small ViT trained with InfoNCE on the data itself
+
+@dataclass
+class StandInConfig:
+    img_size: int = 32         # training resolution (the tokenizer's resolution)
+    patch_size: int = 4        # 32 px / 4 = 8x8 tokens
+    embed_dim: int = 192
+    depth: int = 6             # the tokenizer reads block depth - 3 = 3, as DiGIT
+    num_heads: int = 3
+    proj_dim: int = 128        # width of the projection heads the loss sees
+    temperature: float = 0.2   # InfoNCE tau
+    min_scale: float = 0.5     # smallest crop side, as a fraction of the image side
+
+
+def random_views(img, min_scale, generator=None):
+    """Two augmented views of every image, and where their pixels come from. Geometry: a square
+    crop of side s ~ U(min_scale, 1) (fraction of the image side) at a random place, a random
+    horizontal flip, resized back (bilinear); photometry: brightness, contrast and saturation
+    jitter, grayscale with p = 0.2. img (B, 3, H, W) in [-1, 1] -> views (2B, 3, H, W) (all
+    first views, then all second views), scale and shift (2, B, 2) (see crop_views). Random
+    numbers come from `generator` on the CPU (None: torch's global generator)."""
+    B, dev = img.shape[0], img.device
+    rand = lambda *shape: torch.rand(*shape, generator=generator).to(dev)
+    s = min_scale + (1 - min_scale) * rand(2, B)                              # (2, B)
+    flip = torch.where(rand(2, B) < 0.5, -1.0, 1.0)
+    scale = torch.stack([s * flip, s], dim=-1)                                # (2, B, 2)
+    shift = (1 - s).unsqueeze(-1) * (2 * rand(2, B, 2) - 1)                   # crop stays inside
+    x = crop_views(img.repeat(2, 1, 1, 1), scale.flatten(0, 1), shift.flatten(0, 1))
+    jitter = lambda lo, hi: lo + (hi - lo) * rand(2 * B, 1, 1, 1)
+    x = x + jitter(-0.3, 0.3)                                                 # brightness
+    mu = x.mean((1, 2, 3), keepdim=True)
+    x = mu + (x - mu) * jitter(0.6, 1.4)                                      # contrast
+    gray = (x * torch.tensor([0.299, 0.587, 0.114], device=dev).view(1, 3, 1, 1)).sum(1, True)
+    sat = jitter(0.4, 1.6) * (rand(2 * B, 1, 1, 1) >= 0.2)                    # 0: grayscale
+    return (gray + (x - gray) * sat).clamp(-1, 1), scale, shift
+
+
+def crop_views(img, scale, shift):
+    """Resample: view coordinate u in [-1, 1]^2 ((x, y), pixel edges at +-1, align_corners=False)
+    shows image point scale * u + shift (bilinear, reflected at the border). img (N, 3, H, W),
+    scale and shift (N, 2) -> (N, 3, H, W)."""
+    theta = torch.cat([torch.diag_embed(scale), shift.unsqueeze(-1)], -1)     # (N, 2, 3)
+    grid = F.affine_grid(theta, list(img.shape), align_corners=False)         # (N, H, W, 2)
+    return F.grid_sample(img, grid, align_corners=False, padding_mode='reflection')
+
+
+def matching_points(scale, shift, n):
+    """Where the patch centres of view 2 lie in view 1: p = (s2 * u + t2 - t1) / s1 for the
+    centres u of an n x n grid (raster order). scale, shift (2, B, 2) -> p (B, n*n, 2) in view
+    1's coordinates, inside (B, n*n) bool (the point is in view 1's crop)."""
+    c = (2 * torch.arange(n, device=scale.device) + 1) / n - 1                # centres, (n,)
+    ys, xs = torch.meshgrid(c, c, indexing='ij')
+    u = torch.stack([xs, ys], -1).view(1, n * n, 2)                           # (1, L, 2)
+    p = (scale[1, :, None] * u + shift[1, :, None] - shift[0, :, None]) / scale[0, :, None]
+    return p, (p.abs() <= 1).all(-1)                                          # (B, L, 2), (B, L)
+
+
+def info_nce(a, b, temperature, mask=None):
+    """Symmetric InfoNCE (CLIP's form): rows of a and b (N, P), unit norm, are positives when
+    they share an index; every other row of the other side is a negative, except pairs where
+    mask (N, N) is True. Returns the loss and the top-1 retrieval accuracy (a -> b)."""
+    logits = a @ b.T / temperature                                            # (N, N)
+    if mask is not None:
+        logits = logits.masked_fill(mask, float('-inf'))
+    target = torch.arange(len(a), device=a.device)
+    loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+    return loss, (logits.argmax(1) == target).float().mean()
+
+
+class ContrastiveViT(nn.Module):
+    """The offline stand-in for DINOv2 (DESIGN: every DiGIT stage runs without downloads): a small
+    ViT of this file's DINOv2 class trained on the data with a discriminative objective at the
+    two levels DiGIT Table 4(a) finds to matter, global and patch:
+        L = (InfoNCE(g1, g2) + InfoNCE(z1(p), z2)) / 2
+    g = head_global(cls token), z = head_patch(patch features), both unit-normalised; z1(p) is
+    view 1's projected feature map sampled (bilinear) where view 2's patch centres lie, and only
+    patches seen by both views count. Patch negatives are the patches of the other images
+    (other patches of the same image are not negatives: they may look alike). A stand-in, not
+    DINOv2: nothing is pretrained, no teacher, no masking."""
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.config = cfg = StandInConfig(**kwargs)
+        self.vit = DINOv2(img_size=cfg.img_size, patch_size=cfg.patch_size,
+                          embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
+                          layerscale=False)
+        head = lambda: nn.Sequential(nn.Linear(cfg.embed_dim, cfg.embed_dim), nn.GELU(),
+                                     nn.Linear(cfg.embed_dim, cfg.proj_dim))
+        self.head_global, self.head_patch = head(), head()
+
+    def forward(self, img, generator=None):
+        """img (B, 3, H, W) in [-1, 1] -> loss, {'global', 'patch', 'acc_g', 'acc_p'}."""
+        cfg, B = self.config, img.shape[0]
+        n = img.shape[-1] // cfg.patch_size
+        views, scale, shift = random_views(img, cfg.min_scale, generator)
+        out = self.vit.forward_features(views)
+        g = F.normalize(self.head_global(out['x_norm_clstoken']), dim=-1)     # (2B, P)
+        z = self.head_patch(out['x_norm_patchtokens'])                        # (2B, L, P)
+        where, inside = matching_points(scale, shift, n)                      # (B, L, 2), (B, L)
+        z1_map = z[:B].transpose(1, 2).reshape(B, -1, n, n)                   # (B, P, n, n)
+        z1 = F.grid_sample(z1_map, where.unsqueeze(2), align_corners=False,
+                           padding_mode='border')                          # (B, P, L, 1)
+        z1 = F.normalize(z1.squeeze(-1).transpose(1, 2)[inside], dim=-1)      # (M, P)
+        z2 = F.normalize(z[B:][inside], dim=-1)                               # (M, P)
+        image = torch.arange(B, device=img.device).view(B, 1).expand(B, n * n)[inside]  # (M,)
+        same_image = (image[:, None] == image[None]) & ~torch.eye(len(image), dtype=torch.bool,
+                                                                   device=img.device)
+        l_global, acc_g = info_nce(g[:B], g[B:], cfg.temperature)
+        l_patch, acc_p = info_nce(z1, z2, cfg.temperature, same_image)
+        parts = dict(glob=l_global.detach(), patch=l_patch.detach(), acc_g=acc_g, acc_p=acc_p)
+        return (l_global + l_patch) / 2, parts
+
+
+# ----------------------------------------------------------------------------------------------
+# Latent-space stability (DiGIT Table 1)
+
+SNRS_DB = (30, 25, 20, 15, 10, 5, 1, 0.01)   # the columns of DiGIT Table 1
+
+
+def add_noise(img, snr_db, generator=None):
+    """Gaussian pixel noise at a signal-to-noise ratio in dB: sigma^2 = mean(x^2) / 10^(snr/10)
+    per image, x the pixels in [0, 1]; not clipped. img (B, 3, H, W) in [-1, 1] -> same shape."""
+    x = (img.float() + 1) / 2
+    power = x.pow(2).mean((1, 2, 3), keepdim=True)                            # (B, 1, 1, 1)
+    noise = torch.randn(x.shape, generator=generator).to(x.device)
+    return (x + noise * (power / 10 ** (snr_db / 10)).sqrt()) * 2 - 1
+
+
+@torch.no_grad()
+def stability(encoders, batches, snrs=SNRS_DB, seed=0):
+    """DiGIT Table 1: add noise at each SNR and measure how much the tokens and the features of
+    each encoder move. encoders: {name: fn(img) -> (features (B, N, C), tokens (B, M))}; the
+    token change rate is the fraction of tokens that differ from the clean image's, the cosine
+    is between clean and noisy feature vectors, both averaged over all positions and images.
+    Returns {name: {'change': [per snr], 'cos': [per snr]}}."""
+    gen = torch.Generator().manual_seed(seed)
+    sums = {name: torch.zeros(2, len(snrs), dtype=torch.float64) for name in encoders}
+    count = {name: torch.zeros(2, dtype=torch.float64) for name in encoders}
+    for img in batches:
+        noisy = [add_noise(img, snr, gen) for snr in snrs]
+        for name, fn in encoders.items():
+            f0, t0 = fn(img)
+            for i, x in enumerate(noisy):
+                f, t = fn(x)
+                sums[name][0, i] += (t != t0).sum().item()
+                sums[name][1, i] += F.cosine_similarity(f, f0, dim=-1).sum().item()
+            count[name] += torch.tensor([t0.numel(), f0[..., 0].numel()], dtype=torch.float64)
+    return {name: {'change': (s[0] / count[name][0]).tolist(), 'cos': (s[1] / count[name][1]).tolist()}
+            for name, s in sums.items()}
+
+
+def vq_encoder(vae):
+    """(features, tokens) of a vqvae.VQVAE for stability(): the encoder output f per latent
+    position (B, h*w, C) and the tokens of all scales concatenated (B, sum pn^2)."""
+    def fn(img):
+        f = vae.encode(img).float()                                           # (B, C, h, w)
+        tokens = torch.cat([idx.flatten(1) for _, idx, _ in vae.quantize.residual_steps(f)], 1)
+        return f.flatten(2).transpose(1, 2), tokens
+    return fn
+
+
+def disc_encoder(tok):
+    """(features, tokens) of a Tokenizer for stability(): (B, L, C) and (B, L)."""
+    def fn(img):
+        f = tok.features(img)
+        return f, tok.nearest(f)
+    return fn
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: fit a tokenizer (sharded over torchrun ranks), and the stability table
+
+def image_batches(dataset, indices, batch_size, num_workers, desc, show):
+    """Images (B, 3, H, W) of dataset[indices], in order, with a progress bar if show."""
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size,
+                                         num_workers=num_workers)
+    for img, *_ in tqdm(loader, desc=desc, disable=not show, dynamic_ncols=True):
+        yield img
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = p.add_subparsers(dest='command', required=True)
+    f = sub.add_parser('fit', help='K-Means on encoder features -> a saved tokenizer')
+    f.add_argument('--encoder', default='out/ssl/ckpt.pt', help='an official dinov2_*_pretrain'
+                   '.pth, or a train.py --model ssl checkpoint (the offline stand-in)')
+    f.add_argument('--centroids', default='', help="a [K, C] .npy (DiGIT's km_8k.npy): no fit")
+    f.add_argument('--layer', type=int, help='0-based block (default: depth - 3, as DiGIT)')
+    f.add_argument('--resolution', type=int,
+                   help='encoder input side (default: 224 for DINOv2, the stand-in\'s own)')
+    f.add_argument('--k', type=int, help='centroids (default: 8192 for DINOv2 as DiGIT-base, '
+                   '512 for the stand-in)')
+    f.add_argument('--images', type=int, default=0, help='random training images whose patches '
+                   'are clustered (default: 4x what K-Means samples, 256 points per centroid)')
+    f.add_argument('--n_iter', type=int, default=20, help='Lloyd iterations (DiGIT: 20)')
+    f.add_argument('--out', default='out/tokenizer/tokenizer.pt')
+    s = sub.add_parser('stability', help='DiGIT Table 1: token change and feature cosine '
+                       'under pixel noise, VQVAE tokens vs discriminative tokens')
+    s.add_argument('--tokenizer', default='out/tokenizer/tokenizer.pt')
+    s.add_argument('--vae', default='out/vqvae/ckpt.pt', help='train.py vqvae checkpoint or '
+                   'the released vae_ch160v4096z32.pth')
+    s.add_argument('--images', type=int, default=1000, help='held-out images to average over')
+    for q in (f, s):
+        q.add_argument('--data', default='builtin', help="'builtin' or an image folder")
+        q.add_argument('--batch_size', type=int, default=64)
+        q.add_argument('--num_workers', type=int, default=0, help='data loader processes')
+        q.add_argument('--device', default='', help="'' = cuda if available, else cpu")
+        q.add_argument('--seed', type=int, default=0)
+    args = p.parse_args(argv)
+    device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    rank, world = 0, 1
+    if 'RANK' in os.environ:   # torchrun: every rank extracts its share, K-Means all-reduces
+        if device == 'cuda':
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(device)
+        dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
+        rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(args.seed)
+    if args.command == 'fit':
+        result = fit_command(args, device, rank, world)
+    else:
+        result = stability_command(args, device)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return result
+
+
+def fit_command(args, device, rank, world):
+    encoder, default = load_encoder(args.encoder)
+    tok = Tokenizer(encoder, default['layer'] if args.layer is None else args.layer,
+                    args.resolution or default['resolution']).to(device)
+    if args.centroids:
+        tok.set_centroids(np.load(args.centroids))
+    else:
+        k = args.k or default['k']
+        dataset = data.build_dataset(args.data, tok.resolution, train=True, seed=args.seed)
+        n = args.images or math.ceil(4 * 256 * k / tok.grid ** 2)
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))
+        mine = order[:n][rank::world].tolist()   # this rank's share of a common random subset
+        if rank == 0:
+            print(f'K-Means: {k} centroids on block {tok.layer} features of {min(n, len(order))}'
+                  f' images x {tok.grid ** 2} patches, {world} process(es), device {device}')
+        batches = image_batches(dataset, mine, args.batch_size, args.num_workers,
+                                'features', rank == 0)
+        tok.fit(batches, k, n_iter=args.n_iter, seed=args.seed, verbose=rank == 0)
+    if rank == 0:
+        tok.save(args.out)
+        print(f'tokenizer: {tok.vocab_size} tokens per patch, {tok.grid}x{tok.grid} patches of '
+              f'{tok.resolution} px images, block {tok.layer}'
+              + (f', K-Means inertia {tok.inertia_:.6g}' if hasattr(tok, 'inertia_') else '')
+              + f'\nsaved {args.out}')
+    return tok
+
+
+def stability_command(args, device):
+    tok = Tokenizer.load(args.tokenizer).to(device)
+    vae = vqvae.VQVAE.from_checkpoint(args.vae).to(device).eval()
+    resolution = vae.config.patch_nums[-1] * vae.downsample
+    dataset = data.build_dataset(args.data, resolution, train=False, seed=args.seed)
+    batches = image_batches(dataset, range(min(args.images, len(dataset))), args.batch_size,
+                            args.num_workers, 'stability', True)
+    table = stability({'VQ': vq_encoder(vae), 'Disc': disc_encoder(tok)},
+                      (b.to(device) for b in batches), seed=args.seed)
+    print(f"\nlatent stability on {min(args.images, len(dataset))} held-out images of "
+          f"{args.data} (DiGIT Table 1; SNR in dB, Gaussian pixel noise)")
+    print(f"{'SNR':24s}" + ''.join(f'{s:>7g}' for s in SNRS_DB))
+    for metric, label, arrow in (('change', 'token change', 'lower'), ('cos', 'cos-sim', 'higher')):
+        for name, r in table.items():
+            print(f'{name + " " + label:24s}' + ''.join(f'{v:7.3f}' for v in r[metric]))
+    return table
+
+
+if __name__ == '__main__':
+    main()
