@@ -1258,6 +1258,25 @@ def test_train_resume_is_exact_and_checkpoint_is_plain(tmp_path):
         assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
 
 
+def test_train_ssl_resumes_exactly_and_feeds_the_tokenizer(tmp_path):
+    """--model ssl (the stand-in encoder): 4 steps == 2 + resume 2 (the views come from the
+    per-step seed), the held-out loss is reported, and `tokenizer.py fit` takes the checkpoint:
+    block depth-3, its resolution, a 4x4 grid of tokens."""
+    ssl = ('--model', 'ssl', '--depth', '4', '--patch_size', '4', '--max_iters', '4')
+    whole = train.main(train.get_args(tiny_run(tmp_path / 'a', *ssl)))
+    split = tiny_run(tmp_path / 'b', *ssl, '--stop_after', '2')
+    train.main(train.get_args(split))
+    resumed = train.main(train.get_args(split))
+    for (k, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+    log = open(tmp_path / 'b' / 'log.txt').read()
+    assert 'eval 4 glob' in log and (tmp_path / 'b' / 'features_000004.png').exists()
+    tok = tokenizer.main(['fit', '--encoder', str(tmp_path / 'b' / 'ckpt.pt'), '--k', '4',
+                          '--images', '16', '--n_iter', '3', '--out', str(tmp_path / 't.pt')])
+    assert (tok.layer, tok.resolution, tok.grid, tok.vocab_size) == (1, 16, 4, 4)
+    assert torch.equal(tokenizer.Tokenizer.load(str(tmp_path / 't.pt')).encode(images(2, 16)),
+                       tok.encode(images(2, 16)))
+
 def test_train_skips_unreadable_images_without_crashing(tmp_path):
     rng = np.random.default_rng(0)
     for c in ('cat', 'dog'):

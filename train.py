@@ -1,10 +1,12 @@
 """
 One trainer for every model of the repo: `--model vqvae`, the multi-scale VQVAE of VAR (vqvae.py),
 a tokenizer the official VAR code never released the training of; `--model var`, VAR itself
-(var.py) on a frozen tokenizer.
+(var.py) on a frozen tokenizer; `--model ssl`, the small self-supervised ViT (tokenizer.py) that
+stands in for DINOv2 in DiGIT's tokenizer where no pretrained weights can be downloaded.
 
     python train.py --model vqvae                         # laptop / CPU: built-in data, 32 px
     python train.py --model var --depth 4 --lr 1e-3 --max_iters 300     # ... then VAR on it
+    python train.py --model ssl && python tokenizer.py fit   # DiGIT's tokenizer, offline
     python train.py --model vqvae --data ~/imagenet --resolution 256     # one GPU, VAR's config
     torchrun --standalone --nproc_per_node=8 train.py --model var --depth 16 --data ~/imagenet \
         --resolution 256 --vae vae_ch160v4096z32.pth --total_batch_size 768   # 8 GPUs (2 nodes:
@@ -33,6 +35,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
+import tokenizer
 import var
 import vqvae
 
@@ -46,15 +49,21 @@ VQVAE_PRESETS = {
 MODEL_DEFAULTS = {
     'vqvae': dict(weight_decay=0.0, beta1=0.5, beta2=0.9, lr_schedule='cosine', warmup_iters=50),
     'var': dict(weight_decay=0.05, beta1=0.9, beta2=0.95, lr_schedule='linear'),
+    'ssl': dict(weight_decay=0.05, beta1=0.9, beta2=0.95, lr_schedule='cosine', warmup_iters=20,
+                depth=6, total_batch_size=64, batch_size=64, max_iters=200),
 }
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     g = p.add_argument_group('model')
-    g.add_argument('--model', choices=['vqvae', 'var'], default='vqvae', help='what to train')
-    g.add_argument('--depth', type=int, default=16,
-                   help='VAR: blocks; width 64*depth, heads = depth (paper: 16, 20, 24, 30)')
+    g.add_argument('--model', choices=['vqvae', 'var', 'ssl'], default='vqvae',
+                   help='what to train')
+    g.add_argument('--depth', type=int, help='VAR: blocks (default 16); width 64*depth, heads = '
+                   'depth (paper: 16, 20, 24, 30). ssl: blocks (default 6); width 32*depth, '
+                   'heads = depth/2')
+    g.add_argument('--patch_size', type=int,
+                   help='ssl: ViT patch side (default: resolution / 8, an 8x8 token grid)')
     g.add_argument('--vae', default='out/vqvae/ckpt.pt',
                    help='VAR: the frozen tokenizer, a train.py checkpoint or vae_ch160v4096z32.pth')
     g.add_argument('--cache_tokens', action=argparse.BooleanOptionalAction, default=True,
@@ -96,11 +105,13 @@ def get_args(argv=None):
     g.add_argument('--num_workers', type=int, default=-1,
                    help='data loader processes per GPU (-1: 0 for builtin, else min(8, cores))')
     g = p.add_argument_group('optimisation')
-    g.add_argument('--max_iters', type=int, default=400, help='optimizer steps in all')
-    g.add_argument('--total_batch_size', type=int, default=32, help='images per optimizer step')
-    g.add_argument('--batch_size', type=int, default=32, help='micro-batch per GPU')
+    g.add_argument('--max_iters', type=int, help='optimizer steps in all (ssl 200, else 400)')
+    g.add_argument('--total_batch_size', type=int,
+                   help='images per optimizer step (ssl 64, else 32)')
+    g.add_argument('--batch_size', type=int, help='micro-batch per GPU (ssl 64, else 32; ssl: '
+                   'the InfoNCE negatives are this micro-batch)')
     g.add_argument('--lr', type=float, help='peak learning rate (AdamW); default: vqvae 1e-3 '
-                   "(tiny) or 2e-4 ('var' preset), var 1e-4 * total_batch_size / 256")
+                   "(tiny) or 2e-4 ('var' preset), var 1e-4 * total_batch_size / 256, ssl 1e-3")
     g.add_argument('--weight_decay', type=float, help='decoupled weight decay of matrices')
     g.add_argument('--beta1', type=float, help='AdamW beta1')
     g.add_argument('--beta2', type=float, help='AdamW beta2')
@@ -131,15 +142,16 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     args.out_dir = args.out_dir or os.path.join('out', args.model)
     args.vae_preset = args.vae_preset or ('tiny' if args.resolution <= 64 else 'var')
+    for k, v in {**dict(depth=16, total_batch_size=32, batch_size=32, max_iters=400),
+                 **MODEL_DEFAULTS[args.model]}.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     if args.lr is None and args.model == 'vqvae':   # VQGAN-like: the tiny model takes more
         args.lr = 1e-3 if args.vae_preset == 'tiny' else 2e-4
     elif args.lr is None:
-        args.lr = 1e-4 * args.total_batch_size / 256
+        args.lr = 1e-3 if args.model == 'ssl' else 1e-4 * args.total_batch_size / 256
     if args.warmup_iters is None and args.model == 'var':
         args.warmup_iters = args.max_iters // 50
-    for k, v in MODEL_DEFAULTS[args.model].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
     return args
 
 
@@ -180,7 +192,8 @@ def lr_at(step, args):
     return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * decay[args.lr_schedule])
 
 
-NO_DECAY = ('embedding', 'class_emb', 'lvl_embed', 'pos_start', 'pos_1LC', 'scale_mul', 'ada_gss')
+NO_DECAY = ('embedding', 'class_emb', 'lvl_embed', 'pos_start', 'pos_1LC', 'scale_mul', 'ada_gss',
+            'pos_embed', 'cls_token', 'register_tokens', 'mask_token')
 
 
 def make_optimizer(model, args):
@@ -257,6 +270,39 @@ def save_reconstructions(model, val_set, path, device, n=8):
     idx = model.img_to_idx(img)
     rows = [img] + [model.idx_to_img(idx[:k]) for k in range(1, len(idx) + 1)]
     data.save_image_grid(torch.cat(rows).float().cpu(), path, nrow=len(img))
+    model.train()
+
+
+# ----------------------------------------------------------------------------------------------
+# The ssl task: the stand-in encoder of DiGIT's tokenizer (tokenizer.ContrastiveViT)
+
+def ssl_val_sums(model, batch, device, ctx, seed):
+    """Held-out sums of one batch: InfoNCE losses and retrieval accuracies, with views drawn
+    from a generator seeded by the batch's first label and seed, so every validation sees the
+    same views."""
+    img = batch[0].to(device)
+    gen = torch.Generator().manual_seed(seed * 1009 + int(batch[1][0]))
+    with ctx:
+        loss, parts = model(img, gen)
+    return {**{k: v * len(img) for k, v in dict(parts, loss=loss).items()},
+            'n': torch.tensor(len(img))}
+
+
+@torch.no_grad()
+def save_feature_maps(model, val_set, path, device, n=8):
+    """Grid: n held-out images, above the first 3 principal components of their last-block
+    patch features as RGB (the usual picture of DINO-like features: parts that look alike
+    get alike colours)."""
+    model.eval()
+    img = torch.stack([val_set[i][0] for i in range(min(n, len(val_set)))]).to(device)
+    f = model.vit.forward_features(img)['x_norm_patchtokens'].float()          # (n, L, C)
+    g = int(math.sqrt(f.shape[1]))
+    flat = f.flatten(0, 1) - f.flatten(0, 1).mean(0)                          # (n L, C)
+    pcs = flat @ torch.linalg.svd(flat, full_matrices=False).Vh[:3].T         # (n L, 3)
+    pcs = pcs / pcs.abs().amax(0).clamp_min(1e-8)                             # [-1, 1]
+    maps = pcs.view(len(img), g, g, 3).permute(0, 3, 1, 2)                   # (n, 3, g, g)
+    maps = F.interpolate(maps, size=img.shape[-2:], mode='nearest')
+    data.save_image_grid(torch.cat([img, maps]).float().cpu(), path, nrow=len(img))
     model.train()
 
 
@@ -440,6 +486,11 @@ def main(args):
         config = asdict(var.VARConfig(depth=args.depth, num_classes=len(class_names),
                                       patch_nums=vae.config.patch_nums))
         build = lambda: var.VAR(vae, **config)
+    elif args.model == 'ssl':
+        config = asdict(tokenizer.StandInConfig(
+            img_size=args.resolution, patch_size=args.patch_size or max(1, args.resolution // 8),
+            embed_dim=32 * args.depth, depth=args.depth, num_heads=max(1, args.depth // 2)))
+        build = lambda: tokenizer.ContrastiveViT(**config)
     else:
         config = vqvae_config(args)
         build = lambda: vqvae.VQVAE(**config)
@@ -486,7 +537,11 @@ def main(args):
         disc = DDP(disc) if disc is not None else None
     disc_raw = disc.module if isinstance(disc, DDP) else disc
     eval_model = ema if ema is not None else raw   # validation and pictures use the EMA
-    if vae is None:
+    if args.model == 'ssl':
+        batch_sums = lambda batch: ssl_val_sums(eval_model, batch, device, ctx, args.seed)
+        picture = lambda path: save_feature_maps(eval_model, val_set, path, device)
+        picture_name = 'features'
+    elif vae is None:
         batch_sums = lambda batch: vqvae_val_sums(eval_model, batch, device, ctx)
         picture = lambda path: save_reconstructions(eval_model, val_set, path, device)
         picture_name = 'recon'
@@ -536,6 +591,8 @@ def main(args):
                 with ctx:
                     if vae is not None:
                         loss, parts = var_loss(model, vae, batch, args, device)
+                    elif args.model == 'ssl':
+                        loss, parts = model(img)
                     else:
                         loss, parts, rec = vqvae_loss(model, raw, img, step, args, disc_raw, lpips)
                 scaler.scale(loss / accum).backward()
@@ -562,7 +619,7 @@ def main(args):
                 e.lerp_(p, 1 - args.ema) if e.is_floating_point() else e.copy_(p)
         step += 1
         bar.update(1)
-        if vae is None and args.reseed_every and step % args.reseed_every == 0:
+        if args.model == 'vqvae' and args.reseed_every and step % args.reseed_every == 0:
             with torch.no_grad(), ctx:
                 n_dead = raw.quantize.reseed_dead_codes(raw.encode(img))
             sums['reseeded'] = sums.get('reseeded', 0.0) + torch.tensor(float(n_dead))
@@ -573,7 +630,7 @@ def main(args):
                 dist.all_reduce(stats, op=dist.ReduceOp.AVG)
             n, last_log = step - last_log, step
             mean = {k: v / (1 if k == 'reseeded' else n) for k, v in zip(sums, stats.tolist())}
-            if vae is None:
+            if args.model == 'vqvae':
                 mean['usage%'] = raw.quantize.usage().tolist()
             log(f'step {step} {format_stats(mean)} lr {lr:.3g} '
                 f'ms/step {(time.time() - t0) / n * 1000:.0f}'
@@ -596,7 +653,12 @@ def main(args):
     if master:
         per_scale = lambda v: ', '.join(f'{pn}x{pn}: {c:.1f}%'
                                         for pn, c in zip(config['patch_nums'], v))
-        if vae is None:
+        if args.model == 'ssl':
+            print(f'\nheld-out InfoNCE loss {r["loss"]:.3f} after {step} steps (global '
+                  f'{r["glob"]:.3f}, patch {r["patch"]:.3f}); top-1 retrieval of the other view '
+                  f'{100 * r["acc_g"]:.1f}% (images), {100 * r["acc_p"]:.1f}% (patches)\n'
+                  f'next: python tokenizer.py fit --encoder {ckpt_path}')
+        elif vae is None:
             print(f'\nheld-out reconstruction PSNR {r["psnr"]:.2f} dB (l2 {r["l2"]:.4f}) after '
                   f'{step} steps\ncodebook used per scale on held-out images: '
                   f'{per_scale(r["codes%"])}')
@@ -607,7 +669,7 @@ def main(args):
         print(f'checkpoint {ckpt_path}\n{picture_name} '
               f'{os.path.join(args.out_dir, f"{picture_name}_{step:06d}.png")}\nlog {log_path}'
               + (f'\n{skipped} unreadable files were skipped' if skipped else ''))
-    if world > 1:
+    if dist.is_initialized():   # torchrun, one process included
         dist.destroy_process_group()
     return raw
 
