@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
+import dinov2
 import gpt
 import kmeans
 import sample
@@ -27,7 +28,7 @@ import tokenizer
 import train
 import var
 import vqvae
-from tokenizer import DINOv2, DINOV2_CONFIGS
+from dinov2 import DINOv2, DINOV2_CONFIGS
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 REFERENCE = os.path.join(REPO, '..', 'shared', 'reference')
@@ -668,7 +669,7 @@ def test_kmeans_fit_from_given_centroids():
         kmeans.KMeans(5).fit(x, init_centroids=c0[:4])
 
 
-# --- tokenizer.py (DINOv2) -------------------------------------------------------------------
+# --- dinov2.py -------------------------------------------------------------------------------
 
 TINY = dict(embed_dim=32, depth=4, num_heads=2, img_size=56)   # 4x4 stored position grid
 
