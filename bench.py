@@ -184,18 +184,23 @@ def main(args):
         name = f"VAR-d{depth} ({n_params / 1e6:.1f}M, {'tiny 32 px' if tiny else '256 px'})"
         batch = args.batch or (32 if tiny else 16)
         fast = torch.bfloat16 if device == 'cuda' else None
+        if device == 'cuda':   # the peak of this run alone, not of the runs before it
+            torch.cuda.reset_peak_memory_stats()
         t_ours = bench_training(model, vae, batch, device, fast)
+        mem_ours = torch.cuda.max_memory_allocated() / 2**30 if device == 'cuda' else 0
         t_official = bench_training(model, vae, batch, device, fast, tokenize_every_step=True)
         line = (f'{name} train: {batch / t_ours:8.1f} img/s from cached tokens  vs tokenizing '
                 f'every batch (official) {batch / t_official:8.1f} img/s  ratio '
                 f'{t_official / t_ours:.2f}x')
         if device == 'cuda':
+            torch.cuda.reset_peak_memory_stats()
             t_fp32 = bench_training(model, vae, batch, device, None)
-            line += f'  bf16 vs fp32 {t_fp32 / t_ours:.2f}x'
+            mem_fp32 = torch.cuda.max_memory_allocated() / 2**30
+            line += f'  bf16 vs fp32 (tf32 off) {t_fp32 / t_ours:.2f}x'
             peak = next((v for k, v in PEAK_BF16.items() if k in torch.cuda.get_device_name()), 0)
             flops = 6 * n_params * batch * model.L / t_ours
             line += f'  MFU {flops / peak * 100:.1f}%' if peak else ''
-            line += f'  peak mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB'
+            line += f'  peak mem bf16 {mem_ours:.2f} GiB, fp32 {mem_fp32:.2f} GiB'
         print(line)
         model.eval()
         labels = torch.arange(args.gen_batch, device=device) % model.num_classes
