@@ -115,7 +115,7 @@ def main(args):
         data.save_image_grid(images.cpu(), path, nrow=len(classes))
         names = [class_names[c] for c in classes] if class_names else classes
         print(f'columns: {names}\nwrote {path}')
-    if world > 1:
+    if dist.is_initialized():   # torchrun, one process included
         dist.destroy_process_group()
 
 
