@@ -309,8 +309,9 @@ class MultiScaleQuantizer(nn.Module):
 
     @torch.no_grad()
     def _record_hits(self, idx_list):
-        hits = torch.stack([torch.bincount(i.flatten(), minlength=self.vocab_size).float()
-                            for i in idx_list])                                   # (K, V)
+        # index_add_, not bincount: its output shape is static, so torch.compile does not break
+        hits = torch.stack([torch.zeros(self.vocab_size, device=i.device).index_add_(
+            0, i.flatten(), torch.ones(i.numel(), device=i.device)) for i in idx_list])  # (K, V)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(hits)   # count the global batch, so every rank keeps the same EMA
         ema = self.ema_vocab_hit_SV
