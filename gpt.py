@@ -1,7 +1,7 @@
 """
 Transformer parts shared by VAR (var.py) and DiGIT's GPT: attention with a kv cache, the MLP,
 the AdaLN block, AdaLN before the head, drop-path, and sampling (temperature, top-k, top-p,
-Gumbel-softmax).
+Gumbel-softmax); and DiGIT's raster-order GPT (`GPT`, at the end of the file).
 
 Names follow the official VAR code (models/basic_var.py, models/helpers.py) so that the released
 `var_d*.pth` load unchanged: `attn.mat_qkv`, `attn.q_bias`, `attn.v_bias`, `attn.zero_k_bias`,
@@ -15,8 +15,10 @@ linear map gives six vectors, and with LN a LayerNorm without affine parameters
 VAR starts the gammas near zero (init_adaln_gamma), so every block starts near the identity.
 Deviation: attention always runs on torch's fused scaled_dot_product_attention (no flash_attn or
 xformers imports); it picks flash / memory-efficient kernels on GPU by itself.
+Test: `python -m pytest test_all.py -k "gpt or var"`.
 """
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -54,8 +56,9 @@ class Attention(nn.Module):
         self.kv_cache = None   # None: off; a list [k, v] (possibly empty) while generating
 
     def forward(self, x, attn_mask=None):
-        """x (B, L, C), attn_mask additive (1, 1, L, L_kv) or None -> (B, L, C). With the cache
-        on, keys and values of earlier calls are prepended (generation scale by scale)."""
+        """x (B, L, C), attn_mask (1, 1, L, L_kv) or (L, L_kv), additive or boolean (True =
+        attend), or None -> (B, L, C). With the cache on, keys and values of earlier calls are
+        prepended (generation scale by scale, or token by token)."""
         B, L, C = x.shape
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
         qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.n_head, self.head_dim)
@@ -163,3 +166,160 @@ def gumbel_softmax(logits, tau, rng=None):
     VAR's `more_smooth` option mixes code vectors with these weights (visualisation only)."""
     u = torch.empty_like(logits).exponential_(generator=rng)
     return ((logits - u.log()) / tau).softmax(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# DiGIT's GPT (Zhu et al., NeurIPS 2024, Sec. 3): raster-order next-token prediction over the
+# K-Means tokens of an image, p(x_1..x_L | y) = prod_t p(x_t | y, x_<t). Input = [start, x_1..
+# x_{L-1}], start = the class embedding of y (DiGIT's class id in place of BOS), so position t
+# predicts x_{t+1} (0-based: logits[:, t] -> idx[:, t]). Class num_classes is the CFG null class;
+# with num_classes = 0 it is the only one, a learnt BOS. cond='adaln' also feeds the class to
+# every block through VAR's AdaLNBlock (dropout then on the embeddings only). Deviations from
+# fairseq's stage 1 (reference/digit_official.md 2.1): pre-LN with a final LN (GPT-2, as the
+# paper says) not post-LN, no x sqrt(C) embedding scale, positions from 0, ids 0..V-1 without
+# special symbols, labels dropped to the null class in training (CFG; DiGIT has none).
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 8192           # tokenizer ids 0..V-1 (DiGIT base: 8192 clusters)
+    block_size: int = 256            # tokens per image, h * w in raster order
+    depth: int = 16                  # the one dial: n_embd 64 * depth, n_head = depth
+    n_embd: int = 0                  # width; 0: 64 * depth
+    n_head: int = 0                  # heads; 0: depth
+    num_classes: int = 1000          # 0: unconditional; id num_classes is the null class
+    cond: str = 'token'              # 'token': class token at position 0; 'adaln': and AdaLN
+    cond_drop_rate: float = 0.1      # label -> null class probability in training (CFG)
+    dropout: float = 0.1             # fairseq's: on embeddings and both residual branches
+    mlp_ratio: float = 4.0           # MLP hidden width / width
+    norm_eps: float = 1e-5           # LayerNorm epsilon (fairseq's)
+
+
+class Block(nn.Module):
+    """Pre-LN GPT-2 block: x = x + Drop(Attn(LN(x))); x = x + Drop(MLP(LN(x)))."""
+
+    def __init__(self, dim, n_head, mlp_ratio=4.0, dropout=0.0, norm_eps=1e-5):
+        super().__init__()
+        self.ln_1, self.ln_2 = nn.LayerNorm(dim, eps=norm_eps), nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, n_head, attn_l2_norm=False)
+        self.ffn = MLP(dim, round(dim * mlp_ratio))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, cond=None, attn_mask=None):
+        """x (B, L, C) -> (B, L, C); cond is unused (the AdaLNBlock signature)."""
+        x = x + self.drop(self.attn(self.ln_1(x), attn_mask))
+        return x + self.drop(self.ffn(self.ln_2(x)))
+
+
+def loss(logits, targets, label_smoothing=0.1):
+    """Token cross-entropy with label smoothing eps (DiGIT's recipe: 0.1), the mean over tokens
+    of (1 - eps) * (-log p_target) + eps * mean_v(-log p_v). logits (B, L, V), targets (B, L)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+                           label_smoothing=label_smoothing)
+
+
+class GPT(nn.Module):
+    """Raster-order, class-conditional (or unconditional) GPT over discrete image tokens."""
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.config = cfg = GPTConfig(**kwargs)
+        cfg.n_embd, cfg.n_head = cfg.n_embd or 64 * cfg.depth, cfg.n_head or cfg.depth
+        if cfg.cond not in ('token', 'adaln') or cfg.n_embd % cfg.n_head:
+            raise ValueError(f'bad GPT config: cond {cfg.cond!r} (token|adaln), '
+                             f'n_embd {cfg.n_embd} must be a multiple of n_head {cfg.n_head}')
+        C, self.num_classes, self.adaln = cfg.n_embd, cfg.num_classes, cfg.cond == 'adaln'
+        self.class_emb = nn.Embedding(cfg.num_classes + 1, C)   # last row: null class / BOS
+        self.wte = nn.Embedding(cfg.vocab_size, C)
+        self.wpe = nn.Embedding(cfg.block_size, C)
+        self.drop = nn.Dropout(cfg.dropout)
+        if self.adaln:
+            self.blocks = nn.ModuleList([
+                AdaLNBlock(C, cfg.n_head, C, cfg.mlp_ratio, False, 0.0, cfg.norm_eps)
+                for _ in range(cfg.depth)])
+            self.ln_f = AdaLNBeforeHead(C, C, cfg.norm_eps)
+        else:
+            self.blocks = nn.ModuleList([
+                Block(C, cfg.n_head, cfg.mlp_ratio, cfg.dropout, cfg.norm_eps)
+                for _ in range(cfg.depth)])
+            self.ln_f = nn.LayerNorm(C, eps=cfg.norm_eps)
+        self.head = nn.Linear(C, cfg.vocab_size, bias=False)   # untied from wte
+        causal = torch.ones(cfg.block_size, cfg.block_size, dtype=torch.bool).tril()
+        self.register_buffer('causal', causal, persistent=False)                 # (L, L)
+        self.init_weights()
+
+    def init_weights(self):
+        """GPT-2's init: N(0, 0.02) linears and embeddings, zero biases, residual projections
+        divided by sqrt(2 depth); the standard 1/sqrt(c) attention scale (Attention's default
+        0.25/sqrt(c) is VAR's); AdaLN gates start at 1, scales and shifts near 0."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+                if getattr(m, 'bias', None) is not None:
+                    nn.init.zeros_(m.bias)
+        with torch.no_grad():
+            for block in self.blocks:
+                block.attn.scale = block.attn.head_dim ** -0.5
+                block.attn.proj.weight.div_(math.sqrt(2 * self.config.depth))
+                block.ffn.fc2.weight.div_(math.sqrt(2 * self.config.depth))
+                if self.adaln:   # rows: gamma1, gamma2 | scale1, scale2, shift1, shift2
+                    block.ada_lin[-1].bias[:2 * self.config.n_embd].fill_(1.0)
+
+    def trunk(self, h, cond, attn_mask=None):
+        """Input embeddings h (B, l, C), class embedding cond (B, C) -> final hidden (B, l, C)."""
+        h = self.drop(h)
+        for block in self.blocks:
+            h = block(h, cond, attn_mask)
+        return self.ln_f(h, cond) if self.adaln else self.ln_f(h)
+
+    def forward(self, idx, labels=None):
+        """Teacher forcing. idx (B, L) token ids, labels (B,) class ids or None (null class)
+        -> logits (B, L, V) in fp32; position t predicts idx[:, t] from the class and idx[:, :t].
+        important! In training mode labels become the null class with prob. cond_drop_rate."""
+        B, L = idx.shape
+        if labels is None:
+            labels = torch.full((B,), self.num_classes, device=idx.device)
+        if self.training and self.config.cond_drop_rate > 0:   # CFG: learn p(x) too
+            drop = torch.rand(B, device=idx.device) < self.config.cond_drop_rate
+            labels = torch.where(drop, self.num_classes, labels)
+        cond = self.class_emb(labels)                                              # (B, C)
+        h = torch.cat((cond[:, None], self.wte(idx[:, :-1])), dim=1)              # (B, L, C)
+        h = h + self.wpe.weight[:L]
+        return self.head(self.trunk(h, cond, self.causal[:L, :L])).float()        # (B, L, V)
+
+    @torch.no_grad()
+    def generate(self, labels, num_tokens=None, cfg=0.0, temperature=1.0, top_k=0, top_p=0.0,
+                 seed=None, prefix=None):
+        """labels (B,) class ids (num_classes: p(x); 0 if unconditional) -> ids (B, num_tokens
+        or block_size). The prompt, start token + prefix (B, P) (kept; DiGIT Fig. 4b completes
+        the lower rows of an image), runs as one causal pass, then one token per step with the
+        kv cache. CFG as VAR's with a constant t = cfg: logits = (1 + cfg) c - cfg u, u from the
+        null class in a doubled batch. gpt.sample draws (top_k=1: greedy) from a Generator
+        seeded with seed (None: the global RNG). important! .eval() first (dropout)."""
+        B, L = len(labels), num_tokens or self.config.block_size
+        out = labels.new_zeros(B, 0) if prefix is None else prefix                 # (B, P)
+        if not out.shape[1] <= L <= self.config.block_size:
+            raise ValueError(f'need prefix {out.shape[1]} <= num_tokens {L} <= block_size')
+        if out.shape[1] == L:   # nothing left to generate
+            return out
+        rng = None if seed is None else torch.Generator(labels.device).manual_seed(seed)
+        guided = cfg != 0 and self.num_classes > 0      # without classes, cond = uncond
+        n = 2 if guided else 1                          # CFG: a second half, null class
+        labels = torch.cat((labels, torch.full_like(labels, self.num_classes)))[:n * B]
+        cond = self.class_emb(labels)                                             # (nB, C)
+        h = torch.cat((cond[:, None], self.wte(out.repeat(n, 1))), dim=1)         # (nB, P+1, C)
+        h, mask = h + self.wpe.weight[:h.shape[1]], self.causal[:h.shape[1], :h.shape[1]]
+        for block in self.blocks:
+            block.attn.kv_cache = []
+        try:
+            for t in range(out.shape[1], L):
+                logits = self.head(self.trunk(h, cond, mask)[:, -1:]).float()     # (nB, 1, V)
+                if guided:
+                    logits = (1 + cfg) * logits[:B] - cfg * logits[B:]            # (B, 1, V)
+                nxt = sample(logits, top_k, top_p, rng, temperature)              # (B, 1)
+                out = torch.cat((out, nxt), dim=1)                                 # (B, t+1)
+                if t + 1 < L:   # the next input: the new token at position t + 1
+                    h, mask = self.wte(nxt.repeat(n, 1)) + self.wpe.weight[t + 1:t + 2], None
+        finally:
+            for block in self.blocks:
+                block.attn.kv_cache = None
+        return out

@@ -1,0 +1,161 @@
+"""
+Tests of gpt.GPT, DiGIT's raster-order GPT (to be merged into test_all.py's gpt.py section):
+CPU, tiny configs, seconds. Each test checks an equation or an invariant and is named after it.
+
+    python -m pytest test_gpt_raster.py -q
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gpt
+
+V, L, NC = 16, 10, 5   # vocabulary, tokens per image, classes
+
+
+def tiny_gpt(**kw):
+    """A depth-2 GPT, its weights perturbed so no block is near the identity (tests can fail)."""
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=V, block_size=L, depth=2, n_embd=32, n_head=2, num_classes=NC)
+    model = gpt.GPT(**{**cfg, **kw}).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return model
+
+
+def tokens(B=4, seed=1):
+    return torch.randint(0, V, (B, L), generator=torch.Generator().manual_seed(seed))
+
+
+LABELS = torch.tensor([0, 2, 4, 1])
+CONDS = ['token', 'adaln']
+
+
+def test_gpt_config_depth_dial_and_official_size():
+    """Width 64 * depth and heads = depth unless overridden; the default (DiGIT base: d16,
+    1024 wide, V 8192, 1000 classes) has ~219M parameters like the released 219M model."""
+    with torch.device('meta'):
+        model = gpt.GPT()
+        assert (model.config.n_embd, model.config.n_head) == (1024, 16)
+        assert 219e6 < sum(p.numel() for p in model.parameters()) < 220e6
+        assert gpt.GPT(depth=3, n_head=4, cond='adaln').config.n_embd == 192
+    with pytest.raises(ValueError, match='cond'):
+        gpt.GPT(depth=1, cond='cross')
+
+
+@pytest.mark.parametrize('cond', CONDS)
+def test_gpt_causal_mask_output_at_t_ignores_inputs_after_t(cond):
+    """Position t predicts idx[t] from idx[:t]: changing idx[:, t] leaves logits[:, :t+1]
+    unchanged and changes every later position."""
+    model, idx = tiny_gpt(cond=cond), tokens()
+    ref = model(idx, LABELS)
+    assert ref.shape == (4, L, V) and ref.dtype == torch.float32
+    for t in range(L - 1):
+        idx2 = idx.clone()
+        idx2[:, t] = (idx2[:, t] + 1) % V
+        out = model(idx2, LABELS)
+        assert torch.equal(out[:, :t + 1], ref[:, :t + 1]), t
+        assert ((out[:, t + 1:] - ref[:, t + 1:]).abs().amax(-1) > 1e-6).all(), t
+
+
+@pytest.mark.parametrize('cond', CONDS)
+def test_gpt_kv_cache_greedy_equals_argmax_of_full_recompute_with_cfg(cond):
+    """Greedy tokens generated one at a time with the kv cache equal the argmax of the
+    teacher-forced logits recomputed from scratch, guided as (1 + cfg) c - cfg u with u the
+    null-class logits; cfg 0 is the conditional model alone."""
+    model, null = tiny_gpt(cond=cond), torch.full((4,), NC)
+    for cfg in (0.0, 3.0):
+        out = model.generate(LABELS, cfg=cfg, top_k=1)
+        assert out.shape == (4, L) and out.dtype == torch.long
+        c, u = model(out, LABELS), model(out, null)
+        assert torch.equal(((1 + cfg) * c - cfg * u).argmax(-1), out), cfg
+    cold = model.generate(LABELS, cfg=3.0, temperature=1e-5, seed=0)   # temperature -> 0
+    assert torch.equal(cold, model.generate(LABELS, cfg=3.0, top_k=1))
+    assert all(b.attn.kv_cache is None for b in model.blocks)   # the cache is switched off
+
+
+@pytest.mark.parametrize('cfg', [0.0, 2.0])
+def test_gpt_prefix_is_kept_and_completion_equals_cached_continuation(cfg):
+    """DiGIT Fig. 4b: given the first P tokens, the rest is generated; greedily it equals the
+    unprompted generation whose first P tokens were those (the prompt runs as one causal pass,
+    then the cache continues); a random prefix is kept verbatim, and num_tokens stops early."""
+    model = tiny_gpt()
+    full = model.generate(LABELS, cfg=cfg, top_k=1)
+    for P in (1, 4, L):
+        assert torch.equal(model.generate(LABELS, cfg=cfg, top_k=1, prefix=full[:, :P]), full)
+    prefix = tokens()[:, :3]
+    out = model.generate(LABELS, cfg=cfg, top_k=1, prefix=prefix)
+    guided = (1 + cfg) * model(out, LABELS) - cfg * model(out, torch.full((4,), NC))
+    assert torch.equal(out[:, :3], prefix) and torch.equal(guided.argmax(-1)[:, 3:], out[:, 3:])
+    short = model.generate(LABELS, num_tokens=6, cfg=cfg, top_k=1, prefix=prefix)
+    assert torch.equal(short, out[:, :6])
+    with pytest.raises(ValueError, match='num_tokens'):
+        model.generate(LABELS, num_tokens=L + 1)
+
+
+def test_gpt_seeded_sampling_is_reproducible_and_leaves_global_rng():
+    """Same seed, same tokens; another seed, other tokens; a seeded call draws from its own
+    torch.Generator, so the global RNG state is untouched."""
+    model = tiny_gpt()
+    state = torch.get_rng_state()
+    a = model.generate(LABELS, cfg=1.5, top_k=8, top_p=0.9, seed=3)
+    b = model.generate(LABELS, cfg=1.5, top_k=8, top_p=0.9, seed=3)
+    c = model.generate(LABELS, cfg=1.5, top_k=8, top_p=0.9, seed=4)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.min() >= 0 and a.max() < V
+
+
+def test_gpt_label_dropping_uses_null_class_only_in_training():
+    """Training forward with cond_drop_rate 1 equals the null-class forward; in eval mode the
+    labels are kept; labels=None means the null class."""
+    model, idx = tiny_gpt(cond_drop_rate=1.0, dropout=0.0), tokens()
+    null = model(idx, torch.full((4,), NC))
+    assert torch.equal(model(idx), null)
+    cond = model(idx, LABELS)
+    assert not torch.allclose(cond, null)
+    model.train()
+    assert torch.equal(model(idx, LABELS), null)
+    model.config.cond_drop_rate = 0.0
+    assert torch.equal(model(idx, LABELS), cond)   # dropout 0: train == eval otherwise
+
+
+@pytest.mark.parametrize('cond', CONDS)
+def test_gpt_class_condition_reaches_every_position(cond):
+    """Changing the class changes the logits at every position (the class token at position 0
+    is attended by all; with AdaLN it also modulates every block), and the loss gradient
+    reaches the class embedding and, with AdaLN, every block's modulation."""
+    model, idx = tiny_gpt(cond=cond), tokens()
+    a, b = model(idx, LABELS), model(idx, (LABELS + 1) % NC)
+    assert ((a - b).abs().amax(-1) > 1e-6).all()
+    gpt.loss(model(idx, LABELS), idx).backward()
+    assert model.class_emb.weight.grad[LABELS].abs().sum(-1).gt(0).all()
+    if cond == 'adaln':
+        assert all(blk.ada_lin[-1].weight.grad.abs().sum() > 0 for blk in model.blocks)
+
+
+def test_gpt_unconditional_has_one_learnt_bos_and_ignores_cfg():
+    """num_classes 0: the only class row is the BOS; cfg changes nothing (cond = uncond);
+    greedy decoding gives one image, the argmax of its own recompute."""
+    model, idx = tiny_gpt(num_classes=0, dropout=0.0), tokens()
+    assert model.class_emb.weight.shape == (1, 32)
+    zeros = torch.zeros(4, dtype=torch.long)
+    model.train()
+    assert torch.equal(model(idx), model(idx, zeros))   # training: nothing to drop to
+    model.eval()
+    a = model.generate(zeros, top_k=8, seed=0)
+    assert torch.equal(a, model.generate(zeros, cfg=3.0, top_k=8, seed=0))
+    greedy = model.generate(zeros, top_k=1)   # one distribution: every row the same
+    assert torch.equal(model(greedy).argmax(-1), greedy) and (greedy == greedy[:1]).all()
+
+
+def test_gpt_loss_is_label_smoothed_cross_entropy():
+    """loss = mean_t [(1 - eps) (-log p(x_t)) + eps mean_v (-log p_v)] (fairseq ce_loss_ls)."""
+    torch.manual_seed(0)
+    logits, targets = torch.randn(3, L, V), torch.randint(0, V, (3, L))
+    logp = F.log_softmax(logits, -1)
+    nll = -logp.gather(-1, targets[..., None]).squeeze(-1)
+    for eps in (0.0, 0.1):
+        ref = ((1 - eps) * nll - eps * logp.mean(-1)).mean()
+        assert torch.allclose(gpt.loss(logits, targets, eps), ref, atol=1e-6)
