@@ -22,6 +22,7 @@ so an interrupted and resumed run ends with the same weights as an uninterrupted
 with image folders also `--num_workers 0`, as worker processes draw their own crops).
 """
 import argparse
+import importlib.util
 import math
 import os
 import time
@@ -126,7 +127,7 @@ def get_args(argv=None):
     g.add_argument('--dtype', choices=['float32', 'bfloat16', 'float16'], default=None,
                    help='autocast dtype (default: bfloat16 on CUDA, float32 elsewhere)')
     g.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None,
-                   help='torch.compile the model (default: on with CUDA)')
+                   help='torch.compile the model (default: on with CUDA when Triton is installed)')
     g.add_argument('--seed', type=int, default=0, help='seed of init, data order and sampling')
     g = p.add_argument_group('output')
     g.add_argument('--out_dir', help='checkpoint, log and images go here (out/<model>)')
@@ -176,8 +177,8 @@ def setup(args):
     device_type = torch.device(device).type
     if args.dtype is None:
         args.dtype = 'bfloat16' if device_type == 'cuda' else 'float32'
-    if args.compile is None:
-        args.compile = device_type == 'cuda'
+    if args.compile is None:   # compiling needs Triton for GPU kernels (absent on Windows)
+        args.compile = device_type == 'cuda' and importlib.util.find_spec('triton') is not None
     if device_type == 'cuda':   # TF32 matmuls: faster, not bit-reproducible across GPUs
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return device, rank, world
@@ -526,11 +527,8 @@ def main(args):
     elif ema is not None:
         ema.load_state_dict(raw.state_dict())
     model = raw
-    if args.compile:
-        try:
-            model = torch.compile(raw)
-        except Exception as e:   # no triton, Windows, ...: run eagerly
-            print0(f'torch.compile unavailable ({e}); running eagerly')
+    if args.compile:   # compiles at the first step; if that fails, rerun with --no-compile
+        model = torch.compile(raw)
     if world > 1:
         model = DDP(model, device_ids=[int(os.environ['LOCAL_RANK'])] if device_type == 'cuda'
                     else None)
