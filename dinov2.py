@@ -17,7 +17,8 @@ Letters: B batch, L patch tokens, T = 1 + R + L all tokens, C width, H heads, c 
 Deviations from the official code: inference only (no drop-path, no xformers, no nested-tensor
 lists, no FSDP block chunks; chunked `blocks.{chunk}.{i}` keys are renamed on load);
 get_intermediate_layers stops after the last requested block (same outputs, less compute).
-Test: `python -m pytest test_all.py -k dinov2`. Load: `DINOv2.from_checkpoint('dinov2_vitb14_reg4_pretrain.pth')`.
+Test: `python -m pytest test_all.py -k dinov2`.
+Load: `DINOv2.from_checkpoint('dinov2_vitb14_reg4_pretrain.pth')`.
 """
 import math
 import re

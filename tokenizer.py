@@ -60,11 +60,12 @@ class Tokenizer(nn.Module):
         if not 0 <= layer < cfg.depth:
             raise ValueError(f'layer {layer} is not a block of this {cfg.depth}-block ViT')
         if resolution % cfg.patch_size:
-            raise ValueError(f'resolution {resolution} is not a multiple of patch {cfg.patch_size}')
+            raise ValueError(f'resolution {resolution} is not a multiple of patch '
+                             f'{cfg.patch_size}')
         self.encoder = encoder.eval().requires_grad_(False)
         self.layer, self.resolution = layer, resolution
-        self.register_buffer('mean', torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer('std', torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        for name, value in (('mean', IMAGENET_MEAN), ('std', IMAGENET_STD)):
+            self.register_buffer(name, torch.tensor(value).view(1, 3, 1, 1), persistent=False)
         self.register_buffer('centroids', None)   # (K, C) float32, set by fit() or given
         if centroids is not None:
             self.set_centroids(centroids)
@@ -135,8 +136,9 @@ class Tokenizer(nn.Module):
     def load(cls, path):
         state = torch.load(path, map_location='cpu', weights_only=True)
         if not isinstance(state, dict) or state.get('kind') != 'tokenizer':
-            raise ValueError(f'{path} is not a tokenizer saved by tokenizer.py (a DINOv2 .pth or '
-                             'a train.py --model ssl checkpoint goes to `tokenizer.py fit --encoder`)')
+            raise ValueError(f'{path} is not a tokenizer saved by tokenizer.py (a DINOv2 .pth '
+                             'or a train.py --model ssl checkpoint goes to `tokenizer.py fit '
+                             '--encoder`)')
         encoder = DINOv2(**state['encoder_config'])
         encoder.load_state_dict(state['encoder'])
         return cls(encoder, state['layer'], state['resolution'], state['centroids'])
@@ -309,8 +311,8 @@ def stability(encoders, batches, snrs=SNRS_DB, seed=0):
                 sums[name][0, i] += (t != t0).sum().item()
                 sums[name][1, i] += F.cosine_similarity(f, f0, dim=-1).sum().item()
             count[name] += torch.tensor([t0.numel(), f0[..., 0].numel()], dtype=torch.float64)
-    return {name: {'change': (s[0] / count[name][0]).tolist(), 'cos': (s[1] / count[name][1]).tolist()}
-            for name, s in sums.items()}
+    return {name: dict(change=(s[0] / count[name][0]).tolist(),
+                       cos=(s[1] / count[name][1]).tolist()) for name, s in sums.items()}
 
 
 def vq_encoder(vae):
@@ -427,10 +429,10 @@ def stability_command(args, device):
                       (b.to(device) for b in batches), seed=args.seed)
     print(f"\nlatent stability on {min(args.images, len(dataset))} held-out images of "
           f"{args.data} (DiGIT Table 1; SNR in dB, Gaussian pixel noise)")
-    print(f"{'SNR':24s}" + ''.join(f'{s:>7g}' for s in SNRS_DB))
-    for metric, label, arrow in (('change', 'token change', 'lower'), ('cos', 'cos-sim', 'higher')):
+    print(f"{'SNR (dB)':34s}" + ''.join(f'{s:>7g}' for s in SNRS_DB))
+    for metric, label in (('change', 'token change (lower: stabler)'), ('cos', 'cos-sim')):
         for name, r in table.items():
-            print(f'{name + " " + label:24s}' + ''.join(f'{v:7.3f}' for v in r[metric]))
+            print(f'{name + " " + label:34s}' + ''.join(f'{v:7.3f}' for v in r[metric]))
     return table
 
 

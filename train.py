@@ -66,7 +66,8 @@ def get_args(argv=None):
     g.add_argument('--patch_size', type=int,
                    help='ssl: ViT patch side (default: resolution / 8, an 8x8 token grid)')
     g.add_argument('--vae', default='out/vqvae/ckpt.pt',
-                   help='VAR: the frozen tokenizer, a train.py checkpoint or vae_ch160v4096z32.pth')
+                   help='VAR: the frozen tokenizer, a train.py checkpoint or '
+                   'vae_ch160v4096z32.pth')
     g.add_argument('--cache_tokens', action=argparse.BooleanOptionalAction, default=True,
                    help='VAR: tokenize the data once (eval crops) instead of every batch')
     g.add_argument('--label_smooth', type=float, default=0.0, help='VAR: label smoothing')
