@@ -170,9 +170,9 @@ def load_encoder(path):
 class StandInConfig:
     img_size: int = 32         # training resolution (the tokenizer's resolution)
     patch_size: int = 4        # 32 px / 4 = 8x8 tokens
-    embed_dim: int = 192
-    depth: int = 6             # the tokenizer reads block depth - 3 = 3, as DiGIT
-    num_heads: int = 3
+    embed_dim: int = 128
+    depth: int = 4             # the tokenizer reads block depth - 3 = 1, as DiGIT's rule
+    num_heads: int = 2
     proj_dim: int = 128        # width of the projection heads the loss sees
     temperature: float = 0.2   # InfoNCE tau
     min_scale: float = 0.5     # smallest crop side, as a fraction of the image side

@@ -51,7 +51,7 @@ MODEL_DEFAULTS = {
     'vqvae': dict(weight_decay=0.0, beta1=0.5, beta2=0.9, lr_schedule='cosine', warmup_iters=50),
     'var': dict(weight_decay=0.05, beta1=0.9, beta2=0.95, lr_schedule='linear'),
     'ssl': dict(weight_decay=0.05, beta1=0.9, beta2=0.95, lr_schedule='cosine', warmup_iters=20,
-                depth=6, total_batch_size=64, batch_size=64, max_iters=200),
+                depth=4, total_batch_size=64, batch_size=64, max_iters=200),
 }
 
 
@@ -61,7 +61,7 @@ def get_args(argv=None):
     g.add_argument('--model', choices=['vqvae', 'var', 'ssl'], default='vqvae',
                    help='what to train')
     g.add_argument('--depth', type=int, help='VAR: blocks (default 16); width 64*depth, heads = '
-                   'depth (paper: 16, 20, 24, 30). ssl: blocks (default 6); width 32*depth, '
+                   'depth (paper: 16, 20, 24, 30). ssl: blocks (default 4); width 32*depth, '
                    'heads = depth/2')
     g.add_argument('--patch_size', type=int,
                    help='ssl: ViT patch side (default: resolution / 8, an 8x8 token grid)')
