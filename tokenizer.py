@@ -99,12 +99,14 @@ class Tokenizer(nn.Module):
 
     @torch.no_grad()
     def nearest(self, f):
-        """Features (..., C) -> id of the nearest centroid (...), chunked fp32 (kmeans.py)."""
+        """Features (..., C) -> id of the nearest centroid (...), chunked fp32 (kmeans.py),
+        also under autocast (bf16 distances would mis-assign about 10% of the patches)."""
         if self.centroids is None:
             raise RuntimeError('tokenizer has no centroids: fit() it or load a saved one')
         km = kmeans.KMeans(self.vocab_size)
         km.centroids = self.centroids
-        return km.predict(f.reshape(-1, f.shape[-1])).view(f.shape[:-1])
+        with torch.autocast(f.device.type, enabled=False):
+            return km.predict(f.reshape(-1, f.shape[-1])).view(f.shape[:-1])
 
     def encode(self, img):
         """img (B, 3, H, W) in [-1, 1] -> token ids (B, L) int64, L = grid^2."""
