@@ -178,6 +178,14 @@ def gumbel_softmax(logits, tau, rng=None):
 # fairseq's stage 1 (reference/digit_official.md 2.1): pre-LN with a final LN (GPT-2, as the
 # paper says) not post-LN, no x sqrt(C) embedding scale, positions from 0, ids 0..V-1 without
 # special symbols, labels dropped to the null class in training (CFG; DiGIT has none).
+#
+# DiGIT's stage 2 (Sec. 4.3; reference/digit_official.md 2.4) is the same GPT with a source
+# prefix (source_vocab_size > 0): it renders pixels by predicting the VQ tokens x of a
+# single-scale VQVAE from the DiGIT token map s, p(x | s) = prod_t p(x_t | s, x_<t), over the
+# sequence [s_1..s_S, start, x_1..x_{L-1}] under ONE causal mask: as in the official code the
+# prefix is causal too (s_j sees s_<=j only, never a target). s has its own embedding table and
+# its own learnt positions (DiGIT's two position tables, both starting at 0); logits come only
+# from the L target positions. Official stage 2 is unconditional (num_classes = 0: start = BOS).
 
 @dataclass
 class GPTConfig:
@@ -192,6 +200,8 @@ class GPTConfig:
     dropout: float = 0.1             # fairseq's: on embeddings and both residual branches
     mlp_ratio: float = 4.0           # MLP hidden width / width
     norm_eps: float = 1e-5           # LayerNorm epsilon (fairseq's)
+    source_vocab_size: int = 0       # stage 2: DiGIT ids 0..V_s-1 of the prefix; 0: no prefix
+    source_len: int = 0              # stage 2: prefix tokens S (DiGIT: 16 x 16 = 256)
 
 
 class Block(nn.Module):
@@ -218,19 +228,25 @@ def loss(logits, targets, label_smoothing=0.1):
 
 
 class GPT(nn.Module):
-    """Raster-order, class-conditional (or unconditional) GPT over discrete image tokens."""
+    """Raster-order, class-conditional (or unconditional) GPT over discrete image tokens;
+    with source_vocab_size > 0, conditioned on a causal prefix of source tokens (stage 2)."""
 
     def __init__(self, **kwargs):
         super().__init__()
         self.config = cfg = GPTConfig(**kwargs)
         cfg.n_embd, cfg.n_head = cfg.n_embd or 64 * cfg.depth, cfg.n_head or cfg.depth
-        if cfg.cond not in ('token', 'adaln') or cfg.n_embd % cfg.n_head:
+        if (cfg.cond not in ('token', 'adaln') or cfg.n_embd % cfg.n_head
+                or (cfg.source_vocab_size > 0) != (cfg.source_len > 0)):
             raise ValueError(f'bad GPT config: cond {cfg.cond!r} (token|adaln), '
-                             f'n_embd {cfg.n_embd} must be a multiple of n_head {cfg.n_head}')
+                             f'n_embd {cfg.n_embd} must be a multiple of n_head {cfg.n_head}, '
+                             f'source_vocab_size and source_len both > 0 or both 0')
         C, self.num_classes, self.adaln = cfg.n_embd, cfg.num_classes, cfg.cond == 'adaln'
         self.class_emb = nn.Embedding(cfg.num_classes + 1, C)   # last row: null class / BOS
         self.wte = nn.Embedding(cfg.vocab_size, C)
         self.wpe = nn.Embedding(cfg.block_size, C)
+        if cfg.source_vocab_size:   # stage 2: the source's own tokens and positions
+            self.src_wte = nn.Embedding(cfg.source_vocab_size, C)
+            self.src_wpe = nn.Embedding(cfg.source_len, C)
         self.drop = nn.Dropout(cfg.dropout)
         if self.adaln:
             self.blocks = nn.ModuleList([
@@ -243,8 +259,9 @@ class GPT(nn.Module):
                 for _ in range(cfg.depth)])
             self.ln_f = nn.LayerNorm(C, eps=cfg.norm_eps)
         self.head = nn.Linear(C, cfg.vocab_size, bias=False)   # untied from wte
-        causal = torch.ones(cfg.block_size, cfg.block_size, dtype=torch.bool).tril()
-        self.register_buffer('causal', causal, persistent=False)                 # (L, L)
+        T = cfg.source_len + cfg.block_size
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        self.register_buffer('causal', causal, persistent=False)                 # (S+L, S+L)
         self.init_weights()
 
     def init_weights(self):
@@ -271,11 +288,29 @@ class GPT(nn.Module):
             h = block(h, cond, attn_mask)
         return self.ln_f(h, cond) if self.adaln else self.ln_f(h)
 
-    def forward(self, idx, labels=None):
-        """Teacher forcing. idx (B, L) token ids, labels (B,) class ids or None (null class)
-        -> logits (B, L, V) in fp32; position t predicts idx[:, t] from the class and idx[:, :t].
+    def source_prefix(self, source, B):
+        """Stage 2's prefix: source ids (B, S) -> their embeddings plus the source positions
+        (B, S, C); an empty (B, 0, C) when the model has no source (source_vocab_size 0)."""
+        cfg = self.config
+        if not cfg.source_vocab_size:
+            if source is not None:
+                raise ValueError('source given, but this GPT has source_vocab_size 0')
+            return self.wpe.weight.new_empty(B, 0, cfg.n_embd)                    # (B, 0, C)
+        if source is None or tuple(source.shape) != (B, cfg.source_len):
+            got = None if source is None else tuple(source.shape)
+            raise ValueError(f'need source ids (B, source_len) = {(B, cfg.source_len)}, '
+                             f'got {got}')
+        if ((source < 0) | (source >= cfg.source_vocab_size)).any():   # a sync; clear errors
+            raise ValueError(f'source ids must lie in [0, {cfg.source_vocab_size})')
+        return self.src_wte(source) + self.src_wpe.weight                         # (B, S, C)
+
+    def forward(self, idx, labels=None, source=None):
+        """Teacher forcing. idx (B, L) token ids, labels (B,) class ids or None (null class),
+        source (B, S) ids (stage 2 only) -> logits (B, L, V) in fp32; position t predicts
+        idx[:, t] from the source, the class and idx[:, :t].
         important! In training mode labels become the null class with prob. cond_drop_rate."""
         B, L = idx.shape
+        src = self.source_prefix(source, B)                                        # (B, S, C)
         if labels is None:
             labels = torch.full((B,), self.num_classes, device=idx.device)
         if self.training and self.config.cond_drop_rate > 0:   # CFG: learn p(x) too
@@ -283,20 +318,24 @@ class GPT(nn.Module):
             labels = torch.where(drop, self.num_classes, labels)
         cond = self.class_emb(labels)                                              # (B, C)
         h = torch.cat((cond[:, None], self.wte(idx[:, :-1])), dim=1)              # (B, L, C)
-        h = h + self.wpe.weight[:L]
-        return self.head(self.trunk(h, cond, self.causal[:L, :L])).float()        # (B, L, V)
+        h = torch.cat((src, h + self.wpe.weight[:L]), dim=1)                      # (B, S+L, C)
+        S = src.shape[1]
+        h = self.trunk(h, cond, self.causal[:S + L, :S + L])[:, S:]               # (B, L, C)
+        return self.head(h).float()                                                # (B, L, V)
 
     @torch.no_grad()
     def generate(self, labels, num_tokens=None, cfg=0.0, temperature=1.0, top_k=0, top_p=0.0,
-                 seed=None, prefix=None):
-        """labels (B,) class ids (num_classes: p(x); 0 if unconditional) -> ids (B, num_tokens
-        or block_size). The prompt, start token + prefix (B, P) (kept; DiGIT Fig. 4b completes
-        the lower rows of an image), runs as one causal pass, then one token per step with the
-        kv cache. CFG as VAR's with a constant t = cfg: logits = (1 + cfg) c - cfg u, u from the
-        null class in a doubled batch. gpt.sample draws (top_k=1: greedy) from a Generator
-        seeded with seed (None: the global RNG). important! .eval() first (dropout)."""
+                 seed=None, prefix=None, source=None):
+        """labels (B,) class ids (num_classes: p(x); 0 if unconditional), source (B, S) ids
+        (stage 2 only) -> ids (B, num_tokens or block_size). The prompt, source + start token +
+        prefix (B, P) (kept; DiGIT Fig. 4b completes the lower rows of an image), runs as one
+        causal pass, then one token per step with the kv cache. CFG as VAR's with a constant
+        t = cfg: logits = (1 + cfg) c - cfg u, u from the null class in a doubled batch (same
+        source). gpt.sample draws (top_k=1: greedy) from a Generator seeded with seed (None:
+        the global RNG). important! .eval() first (dropout)."""
         B, L = len(labels), num_tokens or self.config.block_size
         out = labels.new_zeros(B, 0) if prefix is None else prefix                 # (B, P)
+        src = self.source_prefix(source, B)                                        # (B, S, C)
         if not out.shape[1] <= L <= self.config.block_size:
             raise ValueError(f'need prefix {out.shape[1]} <= num_tokens {L} <= block_size')
         if out.shape[1] == L:   # nothing left to generate
@@ -307,7 +346,8 @@ class GPT(nn.Module):
         labels = torch.cat((labels, torch.full_like(labels, self.num_classes)))[:n * B]
         cond = self.class_emb(labels)                                             # (nB, C)
         h = torch.cat((cond[:, None], self.wte(out.repeat(n, 1))), dim=1)         # (nB, P+1, C)
-        h, mask = h + self.wpe.weight[:h.shape[1]], self.causal[:h.shape[1], :h.shape[1]]
+        h = torch.cat((src.repeat(n, 1, 1), h + self.wpe.weight[:h.shape[1]]), 1)  # (nB, S+P+1, C)
+        mask = self.causal[:h.shape[1], :h.shape[1]]                              # (S+P+1, S+P+1)
         for block in self.blocks:
             block.attn.kv_cache = []
         try:

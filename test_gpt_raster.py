@@ -159,3 +159,103 @@ def test_gpt_loss_is_label_smoothed_cross_entropy():
     for eps in (0.0, 0.1):
         ref = ((1 - eps) * nll - eps * logp.mean(-1)).mean()
         assert torch.allclose(gpt.loss(logits, targets, eps), ref, atol=1e-6)
+
+
+# --- DiGIT stage 2: [source ; start, x_1..x_{L-1}] under one causal mask ---------------------
+
+VS, S = 12, 6   # source (DiGIT) vocabulary and tokens
+STAGE2 = [('token', 0), ('adaln', NC)]   # official (unconditional), and with classes + AdaLN
+
+
+def tiny_stage2(cond='token', num_classes=0):
+    return tiny_gpt(cond=cond, num_classes=num_classes, source_vocab_size=VS, source_len=S)
+
+
+def source(B=4, seed=2):
+    return torch.randint(0, VS, (B, S), generator=torch.Generator().manual_seed(seed))
+
+
+def run_with_hidden(model, idx, labels, src):
+    """-> target logits (B, L, V) and the final hidden states of all S + L positions, the
+    input of ln_f (B, S+L, C)."""
+    seen = []
+    hook = model.ln_f.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    try:
+        return model(idx, labels, source=src), seen[0]
+    finally:
+        hook.remove()
+
+
+@pytest.mark.parametrize('cond,num_classes', STAGE2)
+def test_stage2_source_reaches_targets_and_source_prefix_is_causal(cond, num_classes):
+    """Changing source token j changes every target logit (all targets see the whole source)
+    and the hidden states of source positions >= j, but not those of positions < j (DiGIT's
+    prefix is causal too). Its own tables: src_wte (V_s rows), src_wpe (S rows)."""
+    model, idx, src = tiny_stage2(cond, num_classes), tokens(), source()
+    assert model.src_wte.weight.shape[0] == VS and model.src_wpe.weight.shape[0] == S
+    labels = LABELS if num_classes else None
+    ref, hid = run_with_hidden(model, idx, labels, src)
+    assert ref.shape == (4, L, V) and hid.shape == (4, S + L, 32)
+    for j in range(S):
+        src2 = src.clone()
+        src2[:, j] = (src2[:, j] + 1) % VS
+        out, hid2 = run_with_hidden(model, idx, labels, src2)
+        assert ((out - ref).abs().amax(-1) > 1e-6).all(), j
+        assert torch.equal(hid2[:, :j], hid[:, :j]), j
+        assert ((hid2[:, j:S] - hid[:, j:S]).abs().amax(-1) > 1e-6).all(), j
+
+
+@pytest.mark.parametrize('cond,num_classes', STAGE2)
+def test_stage2_targets_stay_causal_and_source_positions_never_see_targets(cond, num_classes):
+    """Changing target token t leaves the target logits at positions <= t and the hidden
+    states of all S source positions unchanged, and changes every later target position."""
+    model, idx, src = tiny_stage2(cond, num_classes), tokens(), source()
+    labels = LABELS if num_classes else None
+    ref, hid = run_with_hidden(model, idx, labels, src)
+    for t in range(L - 1):
+        idx2 = idx.clone()
+        idx2[:, t] = (idx2[:, t] + 1) % V
+        out, hid2 = run_with_hidden(model, idx2, labels, src)
+        assert torch.equal(hid2[:, :S], hid[:, :S]), t
+        assert torch.equal(out[:, :t + 1], ref[:, :t + 1]), t
+        assert ((out[:, t + 1:] - ref[:, t + 1:]).abs().amax(-1) > 1e-6).all(), t
+
+
+@pytest.mark.parametrize('cond,num_classes', STAGE2)
+def test_stage2_kv_cache_greedy_with_source_equals_argmax_of_full_recompute(cond, num_classes):
+    """Greedy tokens from the cached generation (source + start + prefix in one causal pass,
+    then one token per step) equal the argmax of the teacher-forced logits recomputed with the
+    same source, with CFG where there are classes, and with a target prefix kept verbatim;
+    another source gives another generation."""
+    model, src = tiny_stage2(cond, num_classes), source()
+    labels, null = (LABELS, torch.full((4,), NC)) if num_classes else (torch.zeros(4).long(),) * 2
+    for cfg in (0.0, 2.0):
+        out = model.generate(labels, cfg=cfg, top_k=1, source=src)
+        assert out.shape == (4, L)
+        c, u = model(out, labels, source=src), model(out, null, source=src)
+        assert torch.equal(((1 + cfg) * c - cfg * u).argmax(-1), out), cfg
+        prefix = tokens()[:, :3]
+        done = model.generate(labels, cfg=cfg, top_k=1, prefix=prefix, source=src)
+        c, u = model(done, labels, source=src), model(done, null, source=src)
+        assert torch.equal(done[:, :3], prefix)
+        assert torch.equal(((1 + cfg) * c - cfg * u).argmax(-1)[:, 3:], done[:, 3:]), cfg
+    assert not torch.equal(model.generate(labels, top_k=1, source=source(seed=5)),
+                           model.generate(labels, top_k=1, source=src))
+    assert all(b.attn.kv_cache is None for b in model.blocks)
+
+
+def test_stage2_missing_or_wrong_source_raises():
+    """A stage-2 model needs source ids of shape (B, source_len) in [0, source_vocab_size), in
+    forward and generate; a model without a source refuses one; the two sizes come together."""
+    model, idx, src, zeros = tiny_stage2(), tokens(), source(), torch.zeros(4).long()
+    bad = {'missing': None, 'length': src[:, :-1], 'batch': src[:2],
+           'negative': src - VS, 'too large': src + VS}
+    for what, s in bad.items():
+        with pytest.raises(ValueError, match='source'):
+            model(idx, source=s)
+        with pytest.raises(ValueError, match='source'):
+            model.generate(zeros, source=s)
+    with pytest.raises(ValueError, match='source_vocab_size 0'):
+        tiny_gpt()(idx, LABELS, source=src)
+    with pytest.raises(ValueError, match='source_len'):
+        gpt.GPT(depth=1, source_vocab_size=VS)
