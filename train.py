@@ -2,11 +2,13 @@
 One trainer for every model of the repo: `--model vqvae`, the multi-scale VQVAE of VAR (vqvae.py),
 a tokenizer the official VAR code never released the training of; `--model var`, VAR itself
 (var.py) on a frozen tokenizer; `--model ssl`, the small self-supervised ViT (tokenizer.py) that
-stands in for DINOv2 in DiGIT's tokenizer where no pretrained weights can be downloaded.
+stands in for DINOv2 in DiGIT's tokenizer where no pretrained weights can be downloaded;
+`--model gpt`, DiGIT's raster-order GPT (gpt.py) on the tokens of a saved DiGIT tokenizer.
 
     python train.py --model vqvae                         # laptop / CPU: built-in data, 32 px
     python train.py --model var --depth 4 --lr 1e-3 --max_iters 300     # ... then VAR on it
     python train.py --model ssl && python tokenizer.py fit   # DiGIT's tokenizer, offline
+    python train.py --model gpt --depth 4                    # ... then DiGIT's GPT on it
     python train.py --model vqvae --data ~/imagenet --resolution 256     # one GPU, VAR's config
     torchrun --standalone --nproc_per_node=8 train.py --model var --depth 16 --data ~/imagenet \
         --resolution 256 --vae vae_ch160v4096z32.pth --total_batch_size 768   # 8 GPUs (2 nodes:
@@ -36,6 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
+import gpt
 import tokenizer
 import var
 import vqvae
@@ -52,17 +55,20 @@ MODEL_DEFAULTS = {
     'var': dict(weight_decay=0.05, beta1=0.9, beta2=0.95, lr_schedule='linear'),
     'ssl': dict(weight_decay=0.05, beta1=0.9, beta2=0.95, lr_schedule='cosine', warmup_iters=20,
                 depth=4, total_batch_size=64, batch_size=64, max_iters=200),
+    # DiGIT's fairseq recipe: Adam (0.9, 0.98), wd 0.01, inverse-sqrt schedule, smoothing 0.1
+    'gpt': dict(weight_decay=0.01, beta1=0.9, beta2=0.98, lr_schedule='inverse_sqrt',
+                label_smooth=0.1, grad_clip=1.0, dropout=0.1),
 }
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     g = p.add_argument_group('model')
-    g.add_argument('--model', choices=['vqvae', 'var', 'ssl'], default='vqvae',
+    g.add_argument('--model', choices=['vqvae', 'var', 'ssl', 'gpt'], default='vqvae',
                    help='what to train')
     g.add_argument('--depth', type=int, help='VAR: blocks (default 16); width 64*depth, heads = '
                    'depth (paper: 16, 20, 24, 30). ssl: blocks (default 4); width 32*depth, '
-                   'heads = depth/2')
+                   'heads = depth/2. gpt: as VAR (DiGIT-base is 16)')
     g.add_argument('--patch_size', type=int,
                    help='ssl: ViT patch side (default: resolution / 8, an 8x8 token grid)')
     g.add_argument('--vae', default='out/vqvae/ckpt.pt',
@@ -70,10 +76,15 @@ def get_args(argv=None):
                    'vae_ch160v4096z32.pth')
     g.add_argument('--cache_tokens', action=argparse.BooleanOptionalAction, default=True,
                    help='VAR: tokenize the data once (eval crops) instead of every batch')
-    g.add_argument('--label_smooth', type=float, default=0.0, help='VAR: label smoothing')
-    g.add_argument('--cfg', type=float, default=4.0, help='VAR: guidance of the sample grids')
-    g.add_argument('--top_k', type=int, default=0, help='VAR: top-k of the sample grids')
-    g.add_argument('--top_p', type=float, default=0.0, help='VAR: top-p of the sample grids')
+    g.add_argument('--label_smooth', type=float, help='label smoothing (VAR 0, gpt 0.1)')
+    g.add_argument('--tokenizer', default='out/tokenizer/tokenizer.pt',
+                   help='gpt: the frozen DiGIT tokenizer (python tokenizer.py fit)')
+    g.add_argument('--cond', choices=['token', 'adaln'], default='token',
+                   help='gpt: class as the start token, or also AdaLN in every block')
+    g.add_argument('--dropout', type=float, help='gpt: dropout (0.1)')
+    g.add_argument('--cfg', type=float, default=4.0, help='var, gpt: guidance of the sample grids')
+    g.add_argument('--top_k', type=int, default=0, help='var, gpt: top-k of the sample grids')
+    g.add_argument('--top_p', type=float, default=0.0, help='var, gpt: top-p of the sample grids')
     g.add_argument('--vae_preset', choices=list(VQVAE_PRESETS), default=None,
                    help="tokenizer size: 'tiny' (default up to 64 px) or 'var' = the released "
                         "vae_ch160v4096z32 (default above 64 px)")
@@ -117,11 +128,13 @@ def get_args(argv=None):
     g.add_argument('--weight_decay', type=float, help='decoupled weight decay of matrices')
     g.add_argument('--beta1', type=float, help='AdamW beta1')
     g.add_argument('--beta2', type=float, help='AdamW beta2')
-    g.add_argument('--warmup_iters', type=int, help='linear warmup steps (var: 2%% of all)')
-    g.add_argument('--lr_schedule', choices=['cosine', 'linear', 'constant'],
-                   help='decay after warmup (vqvae cosine, var linear)')
+    g.add_argument('--warmup_iters', type=int, help='linear warmup steps (var: 2%%, gpt: 10%% '
+                   'of all)')
+    g.add_argument('--lr_schedule', choices=['cosine', 'linear', 'constant', 'inverse_sqrt'],
+                   help='decay after warmup (vqvae cosine, var linear, gpt inverse_sqrt: '
+                   'lr sqrt(warmup / step), fairseq\'s)')
     g.add_argument('--min_lr_ratio', type=float, default=0.1, help='final lr / peak lr')
-    g.add_argument('--grad_clip', type=float, default=2.0, help='max grad norm (0 = off)')
+    g.add_argument('--grad_clip', type=float, help='max grad norm (0 = off; gpt 1, else 2)')
     g.add_argument('--ema', type=float, default=0.0, help='EMA decay of weights (0 = off)')
     g = p.add_argument_group('system')
     g.add_argument('--device', default='', help='cuda, mps or cpu (default: best available)')
@@ -144,16 +157,17 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     args.out_dir = args.out_dir or os.path.join('out', args.model)
     args.vae_preset = args.vae_preset or ('tiny' if args.resolution <= 64 else 'var')
-    for k, v in {**dict(depth=16, total_batch_size=32, batch_size=32, max_iters=400),
+    for k, v in {**dict(depth=16, total_batch_size=32, batch_size=32, max_iters=400,
+                        label_smooth=0.0, grad_clip=2.0, dropout=0.0),
                  **MODEL_DEFAULTS[args.model]}.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.lr is None and args.model == 'vqvae':   # VQGAN-like: the tiny model takes more
         args.lr = 1e-3 if args.vae_preset == 'tiny' else 2e-4
     elif args.lr is None:
-        args.lr = 1e-3 if args.model == 'ssl' else 1e-4 * args.total_batch_size / 256
-    if args.warmup_iters is None and args.model == 'var':
-        args.warmup_iters = args.max_iters // 50
+        args.lr = {'ssl': 1e-3, 'gpt': 3e-4}.get(args.model, 1e-4 * args.total_batch_size / 256)
+    if args.warmup_iters is None and args.model in ('var', 'gpt'):
+        args.warmup_iters = args.max_iters // (50 if args.model == 'var' else 10)
     return args
 
 
@@ -186,16 +200,19 @@ def setup(args):
 
 
 def lr_at(step, args):
-    """Linear warmup to --lr, then cosine / linear decay to --lr * --min_lr_ratio."""
+    """Linear warmup to --lr, then cosine / linear decay to --lr * --min_lr_ratio, or fairseq's
+    inverse square root lr * sqrt(warmup / step) (no floor)."""
     if step < args.warmup_iters:
         return args.lr * (step + 1) / args.warmup_iters
+    if args.lr_schedule == 'inverse_sqrt':
+        return args.lr * math.sqrt(max(1, args.warmup_iters) / (step + 1))
     p = (step - args.warmup_iters) / max(1, args.max_iters - args.warmup_iters)
     decay = {'cosine': 0.5 * (1 + math.cos(math.pi * p)), 'linear': 1 - p, 'constant': 1}
     return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * decay[args.lr_schedule])
 
 
 NO_DECAY = ('embedding', 'class_emb', 'lvl_embed', 'pos_start', 'pos_1LC', 'scale_mul', 'ada_gss',
-            'pos_embed', 'cls_token', 'register_tokens', 'mask_token')
+            'pos_embed', 'cls_token', 'register_tokens', 'mask_token', 'wpe')
 
 
 def make_optimizer(model, args):
@@ -278,16 +295,10 @@ def save_reconstructions(model, val_set, path, device, n=8):
 # ----------------------------------------------------------------------------------------------
 # The ssl task: the stand-in encoder of DiGIT's tokenizer (tokenizer.ContrastiveViT)
 
-def ssl_val_sums(model, batch, device, ctx, seed):
-    """Held-out sums of one batch: InfoNCE losses and retrieval accuracies, with views drawn
-    from a generator seeded by the batch's first label and seed, so every validation sees the
-    same views."""
-    img = batch[0].to(device)
-    gen = torch.Generator().manual_seed(seed * 1009 + int(batch[1][0]))
-    with ctx:
-        loss, parts = model(img, gen)
-    return {**{k: v * len(img) for k, v in dict(parts, loss=loss).items()},
-            'n': torch.tensor(len(img))}
+def ssl_views_seed(batch, seed):
+    """Validation views come from a generator seeded by the batch's first label and seed, so
+    every validation sees the same views."""
+    return torch.Generator().manual_seed(seed * 1009 + int(batch[1][0]))
 
 
 @torch.no_grad()
@@ -309,6 +320,53 @@ def save_feature_maps(model, val_set, path, device, n=8):
 
 
 # ----------------------------------------------------------------------------------------------
+# The GPT task: DiGIT's raster-order GPT on the tokens of a frozen DiGIT tokenizer
+
+def gpt_loss(model, batch, args, device):
+    """DiGIT's label-smoothed cross-entropy over the L tokens; also the plain cross-entropy
+    and the top-1 token accuracy. batch: cached tokens (B, L) and labels (B,)."""
+    tokens, labels = batch[0].to(device, non_blocking=True), batch[1].to(device)
+    logits = model(tokens, labels)                                                # (B, L, V)
+    loss = gpt.loss(logits, tokens, args.label_smooth)
+    ce = F.cross_entropy(logits.detach().flatten(0, 1), tokens.flatten())
+    return loss, dict(ce=ce, acc=(logits.detach().argmax(-1) == tokens).float().mean() * 100)
+
+
+@torch.no_grad()
+def patch_means(tokens, images, vocab_size):
+    """The mean image patch of every token, from tokens (N, g*g) of images (N, 3, H, W):
+    (V, 3, H/g, W/g), grey for unseen tokens. A crude decoder to look at DiGIT tokens before
+    stage 2 exists: render_tokens pastes these patches."""
+    N, L = tokens.shape
+    g = math.isqrt(L)
+    p, q = images.shape[2] // g, images.shape[3] // g
+    patches = images[:, :, :g * p, :g * q].unfold(2, p, p).unfold(3, q, q)    # (N, 3, g, g, p, q)
+    patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(N * L, 3 * p * q)
+    sums = torch.zeros(vocab_size, 3 * p * q).index_add_(0, tokens.flatten(), patches)
+    counts = torch.bincount(tokens.flatten(), minlength=vocab_size).clamp_min(1)
+    return (sums / counts[:, None]).view(vocab_size, 3, p, q)                  # (V, 3, p, q)
+
+
+def render_tokens(tokens, means):
+    """Token maps (B, g*g) -> images (B, 3, g*p, g*q) in [-1, 1] made of mean patches."""
+    B, L = tokens.shape
+    g, (_, p, q) = math.isqrt(L), means.shape[1:]
+    x = means.to(tokens.device)[tokens]                                         # (B, L, 3, p, q)
+    return x.view(B, g, g, 3, p, q).permute(0, 3, 1, 4, 2, 5).reshape(B, 3, g * p, g * q)
+
+
+@torch.no_grad()
+def save_gpt_samples(model, means, path, args, num_classes, device, per_class=4):
+    """Generated token maps, rendered with the tokens' mean patches: one column per class."""
+    model.eval()
+    labels = torch.arange(min(num_classes, 10), device=device).repeat(per_class)   # row-major
+    tokens = model.generate(labels, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
+                            seed=args.seed)                                        # (B, L)
+    data.save_image_grid(render_tokens(tokens, means).cpu(), path, nrow=min(num_classes, 10))
+    model.train()
+
+
+# ----------------------------------------------------------------------------------------------
 # The VAR task: tokens, loss, validation, samples
 
 class TokenDataset(torch.utils.data.Dataset):
@@ -324,13 +382,18 @@ class TokenDataset(torch.utils.data.Dataset):
         return self.tokens[i].long(), self.labels[i], 0
 
 
+def tokenizer_key(config, tensors):
+    """What a token cache depends on: the tokenizer's config and a checksum of its weights."""
+    return dict(config=config, weights=sum(t.double().sum().item() for t in tensors))
+
+
 @torch.no_grad()
-def tokenize(vae, dataset, path, args, device, rank, world, limit=None):
-    """Tokenize a dataset once with the frozen VQVAE (eval crops, so no augmentation), each rank
-    a slice, gathered on every rank and cached in `path`: a TokenDataset of (N, L) ids."""
+def tokenize(encode, key, dataset, path, args, device, rank, world, limit=None):
+    """Tokenize a dataset once with a frozen tokenizer, encode(img (B, 3, H, W)) -> ids (B, L)
+    (eval crops, so no augmentation), each rank a slice, gathered on every rank and cached in
+    `path` under `key`: a TokenDataset of (N, L) ids."""
     n = min(len(dataset), limit or len(dataset))
-    key = dict(vae=asdict(vae.config), n=n, data=args.data, resolution=args.resolution,
-               weights=sum(p.double().sum().item() for p in vae.parameters()))
+    key = dict(key, n=n, data=args.data, resolution=args.resolution)
     if os.path.exists(path):   # reused only if made by the same tokenizer from the same data
         cache = torch.load(path, map_location='cpu', weights_only=True)
         if cache.get('key') == key:
@@ -340,7 +403,7 @@ def tokenize(vae, dataset, path, args, device, rank, world, limit=None):
                                          num_workers=args.num_workers)
     tokens, labels = [], []
     for img, label, _ in tqdm(loader, desc=f'tokenizing {n} images', disable=rank != 0):
-        tokens.append(torch.cat(vae.img_to_idx(img.to(device)), 1).cpu())           # (B, L)
+        tokens.append(encode(img.to(device)).cpu())                                  # (B, L)
         labels.append(label)
     tokens, labels = torch.cat(tokens), torch.cat(labels)
     if world > 1:   # rank r holds items r, r + world, ...: gather and interleave
@@ -351,7 +414,7 @@ def tokenize(vae, dataset, path, args, device, rank, world, limit=None):
             dist.all_gather(g, pad(t))
         tokens = torch.stack(gathered[0], 1).flatten(0, 1)[:n]
         labels = torch.stack(gathered[1], 1).flatten(0, 1)[:n]
-    dtype = torch.int16 if vae.config.vocab_size <= 32767 else torch.int32
+    dtype = torch.int16 if tokens.max() <= 32767 else torch.int32
     if rank == 0:
         save_checkpoint(path, dict(tokens=tokens.to(dtype), labels=labels, key=key))
     return TokenDataset(tokens.to(dtype), labels)
@@ -377,10 +440,10 @@ def var_loss(model, vae, batch, args, device):
     return ce.mean(), parts
 
 
-def var_val_sums(model, vae, batch, args, device, ctx):
-    """Held-out sums of one batch: teacher-forced cross-entropy and accuracy, per scale too."""
+def loss_sums(loss_fn, batch, ctx):
+    """Held-out sums of one batch for validate(): loss_fn() -> (loss, parts) means, times B."""
     with ctx:
-        loss, parts = var_loss(model, vae, batch, args, device)
+        loss, parts = loss_fn()
     B = len(batch[0])
     return {**{k: v * B for k, v in dict(parts, loss=loss).items()}, 'n': torch.tensor(B)}
 
@@ -481,13 +544,34 @@ def main(args):
             raise SystemExit(f'--resolution {args.resolution} does not fit the tokenizer, '
                              f'made for {vae.config.patch_nums[-1] * vae.downsample} px images')
         if args.cache_tokens:
-            train_set = tokenize(vae, train_set, os.path.join(args.out_dir, 'tokens_train.pt'),
-                                 args, device, rank, world)
-            val_set = tokenize(vae, val_set, os.path.join(args.out_dir, 'tokens_val.pt'),
+            encode = lambda img: torch.cat(vae.img_to_idx(img), 1)                  # (B, L)
+            key = tokenizer_key(asdict(vae.config), vae.parameters())
+            train_set = tokenize(encode, key, train_set, os.path.join(args.out_dir,
+                                 'tokens_train.pt'), args, device, rank, world)
+            val_set = tokenize(encode, key, val_set, os.path.join(args.out_dir, 'tokens_val.pt'),
                                args, device, rank, world, limit=args.eval_images)
         config = asdict(var.VARConfig(depth=args.depth, num_classes=len(class_names),
                                       patch_nums=vae.config.patch_nums))
         build = lambda: var.VAR(vae, **config)
+    elif args.model == 'gpt':   # the frozen DiGIT tokenizer, and the data as its tokens
+        if not os.path.exists(args.tokenizer):
+            raise SystemExit(f'--tokenizer {args.tokenizer} not found: make one first (python '
+                             'train.py --model ssl; python tokenizer.py fit)')
+        tok = tokenizer.Tokenizer.load(args.tokenizer).to(device)
+        key = tokenizer_key(dict(encoder=asdict(tok.encoder.config), layer=tok.layer,
+                                 resolution=tok.resolution), [tok.centroids, *tok.parameters()])
+        images = val_set
+        train_set = tokenize(tok.encode, key, train_set, os.path.join(args.out_dir,
+                             'tokens_train.pt'), args, device, rank, world)
+        val_set = tokenize(tok.encode, key, val_set, os.path.join(args.out_dir, 'tokens_val.pt'),
+                           args, device, rank, world, limit=args.eval_images)
+        n = min(len(val_set), 1000)
+        means = patch_means(val_set.tokens[:n].long(), torch.stack([images[i][0]
+                            for i in range(n)]), tok.vocab_size)                 # (V, 3, p, q)
+        config = asdict(gpt.GPTConfig(vocab_size=tok.vocab_size, block_size=tok.grid ** 2,
+                                      depth=args.depth, num_classes=len(class_names),
+                                      cond=args.cond, dropout=args.dropout))
+        build = lambda: gpt.GPT(**config)
     elif args.model == 'ssl':
         config = asdict(tokenizer.StandInConfig(
             img_size=args.resolution, patch_size=args.patch_size or max(1, args.resolution // 8),
@@ -536,8 +620,15 @@ def main(args):
         disc = DDP(disc) if disc is not None else None
     disc_raw = disc.module if isinstance(disc, DDP) else disc
     eval_model = ema if ema is not None else raw   # validation and pictures use the EMA
-    if args.model == 'ssl':
-        batch_sums = lambda batch: ssl_val_sums(eval_model, batch, device, ctx, args.seed)
+    if args.model == 'gpt':
+        batch_sums = lambda batch: loss_sums(lambda: gpt_loss(eval_model, batch, args, device),
+                                             batch, ctx)
+        picture = lambda path: save_gpt_samples(eval_model, means, path, args, len(class_names),
+                                                device)
+        picture_name = 'samples'
+    elif args.model == 'ssl':
+        batch_sums = lambda batch: loss_sums(lambda: eval_model(
+            batch[0].to(device), ssl_views_seed(batch, args.seed)), batch, ctx)
         picture = lambda path: save_feature_maps(eval_model, val_set, path, device)
         picture_name = 'features'
     elif vae is None:
@@ -545,7 +636,8 @@ def main(args):
         picture = lambda path: save_reconstructions(eval_model, val_set, path, device)
         picture_name = 'recon'
     else:
-        batch_sums = lambda batch: var_val_sums(eval_model, vae, batch, args, device, ctx)
+        batch_sums = lambda batch: loss_sums(lambda: var_loss(eval_model, vae, batch, args,
+                                                              device), batch, ctx)
         picture = lambda path: save_samples(eval_model, path, args, len(class_names), device)
         picture_name = 'samples'
     run_validation = lambda: validate(eval_model, val_set, args, device, world, rank, batch_sums)
@@ -555,6 +647,7 @@ def main(args):
             save_checkpoint(ckpt_path, dict(
                 kind=args.model, config=config, model=raw.state_dict(),
                 vae=args.vae if vae is not None else None,
+                tokenizer=args.tokenizer if args.model == 'gpt' else None,
                 ema=ema.state_dict() if ema is not None else None,
                 optimizer=optimizer.state_dict(), step=step, data_cursor=list(cursor),
                 skipped_files=skipped, args=vars(args), class_names=class_names,
@@ -592,6 +685,8 @@ def main(args):
                         loss, parts = var_loss(model, vae, batch, args, device)
                     elif args.model == 'ssl':
                         loss, parts = model(img)
+                    elif args.model == 'gpt':
+                        loss, parts = gpt_loss(model, batch, args, device)
                     else:
                         loss, parts, rec = vqvae_loss(model, raw, img, step, args, disc_raw, lpips)
                 scaler.scale(loss / accum).backward()
@@ -652,7 +747,10 @@ def main(args):
     if master:
         per_scale = lambda v: ', '.join(f'{pn}x{pn}: {c:.1f}%'
                                         for pn, c in zip(config['patch_nums'], v))
-        if args.model == 'ssl':
+        if args.model == 'gpt':
+            print(f'\nheld-out cross-entropy {r["ce"]:.3f} (label-smoothed loss {r["loss"]:.3f}) '
+                  f'after {step} steps; token accuracy {r["acc"]:.1f}%')
+        elif args.model == 'ssl':
             print(f'\nheld-out InfoNCE loss {r["loss"]:.3f} after {step} steps (global '
                   f'{r["glob"]:.3f}, patch {r["patch"]:.3f}); top-1 retrieval of the other view '
                   f'{100 * r["acc_g"]:.1f}% (images), {100 * r["acc_p"]:.1f}% (patches)\n'
