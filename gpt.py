@@ -281,12 +281,15 @@ class GPT(nn.Module):
                 if self.adaln:   # rows: gamma1, gamma2 | scale1, scale2, shift1, shift2
                     block.ada_lin[-1].bias[:2 * self.config.n_embd].fill_(1.0)
 
-    def trunk(self, h, cond, attn_mask=None):
-        """Input embeddings h (B, l, C), class embedding cond (B, C) -> final hidden (B, l, C)."""
-        h = self.drop(h)
+    def trunk(self, h, cond, attn_mask=None, states=None):
+        """Input embeddings h (B, l, C), class embedding cond (B, C) -> final hidden (B, l, C),
+        after ln_f. states: a list that receives the embeddings after dropout and the output of
+        every block, depth + 1 tensors (B, l, C) (hidden_states)."""
+        states = [] if states is None else states
+        states.append(self.drop(h))
         for block in self.blocks:
-            h = block(h, cond, attn_mask)
-        return self.ln_f(h, cond) if self.adaln else self.ln_f(h)
+            states.append(block(states[-1], cond, attn_mask))
+        return self.ln_f(states[-1], cond) if self.adaln else self.ln_f(states[-1])
 
     def source_prefix(self, source, B):
         """Stage 2's prefix: source ids (B, S) -> their embeddings plus the source positions
@@ -304,11 +307,10 @@ class GPT(nn.Module):
             raise ValueError(f'source ids must lie in [0, {cfg.source_vocab_size})')
         return self.src_wte(source) + self.src_wpe.weight                         # (B, S, C)
 
-    def forward(self, idx, labels=None, source=None):
-        """Teacher forcing. idx (B, L) token ids, labels (B,) class ids or None (null class),
-        source (B, S) ids (stage 2 only) -> logits (B, L, V) in fp32; position t predicts
-        idx[:, t] from the source, the class and idx[:, :t].
-        important! In training mode labels become the null class with prob. cond_drop_rate."""
+    def inputs(self, idx, labels=None, source=None):
+        """Teacher-forcing inputs: idx (B, L), labels (B,) or None, source (B, S) or None ->
+        the embeddings of [source; start, idx_1..idx_{L-1}] (B, S+L, C), the class embedding
+        cond (B, C) and the causal mask (S+L, S+L). Labels dropped as in forward."""
         B, L = idx.shape
         src = self.source_prefix(source, B)                                        # (B, S, C)
         if labels is None:
@@ -319,9 +321,23 @@ class GPT(nn.Module):
         cond = self.class_emb(labels)                                              # (B, C)
         h = torch.cat((cond[:, None], self.wte(idx[:, :-1])), dim=1)              # (B, L, C)
         h = torch.cat((src, h + self.wpe.weight[:L]), dim=1)                      # (B, S+L, C)
-        S = src.shape[1]
-        h = self.trunk(h, cond, self.causal[:S + L, :S + L])[:, S:]               # (B, L, C)
+        return h, cond, self.causal[:h.shape[1], :h.shape[1]]
+
+    def forward(self, idx, labels=None, source=None):
+        """Teacher forcing. idx (B, L) token ids, labels (B,) class ids or None (null class),
+        source (B, S) ids (stage 2 only) -> logits (B, L, V) in fp32; position t predicts
+        idx[:, t] from the source, the class and idx[:, :t].
+        important! In training mode labels become the null class with prob. cond_drop_rate."""
+        h = self.trunk(*self.inputs(idx, labels, source))[:, -idx.shape[1]:]     # (B, L, C)
         return self.head(h).float()                                                # (B, L, V)
+
+    def hidden_states(self, idx, labels=None, source=None):
+        """The residual stream at the L target positions (inputs start, idx_1..idx_{L-1}; the
+        source prefix is cut off): depth + 1 tensors (B, L, C), the input embeddings and every
+        block's output, before ln_f: head(ln_f(states[-1])) = forward (AdaLN: ln_f(., cond))."""
+        states = []
+        self.trunk(*self.inputs(idx, labels, source), states=states)
+        return [h[:, -idx.shape[1]:] for h in states]
 
     @torch.no_grad()
     def generate(self, labels, num_tokens=None, cfg=0.0, temperature=1.0, top_k=0, top_p=0.0,
@@ -363,3 +379,44 @@ class GPT(nn.Module):
             for block in self.blocks:
                 block.attn.kv_cache = None
         return out
+
+
+class LinearProbe(nn.Module):
+    """DiGIT's linear probe (Table 2, Fig. 3b; iGPT's protocol): a frozen GPT, and one linear
+    classifier per hidden state on its mean over positions. idx (B, L), labels (B,) ->
+    sum over layers of the cross-entropies, and parts {'ce_i', 'acc_i' (top-1 %)}, i = 0 (the
+    embeddings) .. depth. important! The GPT sees the null class, never the labels (they are
+    only the targets); it stays in eval mode and gets no gradient. What we average: the L
+    target positions [start, x_1..x_{L-1}], before ln_f. Official (reference 2.5): fairseq's
+    inner_states (post-LN blocks) over all 257 positions [BOS, x_1..x_256], layers 0..depth-1.
+    DiGIT trains with SGD lr 0.4, momentum 0.9, RandomResizedCrop + flip; we train on cached
+    tokens. Optimise only the heads (probe.heads.parameters(), or requires_grad ones)."""
+
+    def __init__(self, model, num_classes):
+        super().__init__()
+        self.gpt = model.eval().requires_grad_(False)
+        C, n = model.config.n_embd, model.config.depth + 1
+        self.heads = nn.ModuleList([nn.Linear(C, num_classes) for _ in range(n)])
+        for head in self.heads:   # DiGIT's init
+            nn.init.normal_(head.weight, std=0.01)
+            nn.init.zeros_(head.bias)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.gpt.eval()   # important! frozen: no dropout, no label dropping
+        return self
+
+    @torch.no_grad()
+    def features(self, idx):
+        """idx (B, L) -> depth + 1 position-averaged hidden states (B, C), null class."""
+        return [h.mean(1) for h in self.gpt.hidden_states(idx)]
+
+    def forward(self, idx, labels):
+        loss, parts = 0.0, {}
+        for i, (head, f) in enumerate(zip(self.heads, self.features(idx))):
+            logits = head(f).float()                                              # (B, classes)
+            ce = F.cross_entropy(logits, labels)
+            loss = loss + ce
+            parts[f'ce_{i}'] = ce.detach()
+            parts[f'acc_{i}'] = (logits.argmax(-1) == labels).float().mean().detach() * 100
+        return loss, parts

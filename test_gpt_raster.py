@@ -259,3 +259,86 @@ def test_stage2_missing_or_wrong_source_raises():
         tiny_gpt()(idx, LABELS, source=src)
     with pytest.raises(ValueError, match='source_len'):
         gpt.GPT(depth=1, source_vocab_size=VS)
+
+
+# --- DiGIT's linear probe: frozen GPT, one linear head per layer on position-averaged states ---
+
+@pytest.mark.parametrize('cond,stage2', [('token', False), ('adaln', False), ('token', True)])
+def test_gpt_hidden_states_are_embeddings_and_block_outputs_ln_f_head_gives_logits(cond, stage2):
+    """depth + 1 states (B, L, C) at the target positions: [0] = class_emb(y) + wpe[0] at the
+    start and wte(x_t) + wpe[t+1] after it; head(ln_f(states[-1])) = forward's logits."""
+    model = tiny_stage2(cond) if stage2 else tiny_gpt(cond=cond)
+    idx, labels = tokens(), None if stage2 else LABELS
+    src = source() if stage2 else None
+    states = model.hidden_states(idx, labels, src)
+    assert len(states) == 3 and all(h.shape == (4, L, 32) for h in states)
+    y = torch.full((4,), 0 if stage2 else NC) if labels is None else labels
+    emb = torch.cat((model.class_emb(y)[:, None], model.wte(idx[:, :-1])), 1) + model.wpe.weight
+    assert torch.allclose(states[0], emb)
+    cond_args = (model.class_emb(y),) if cond == 'adaln' else ()
+    final = model.ln_f(states[-1], *cond_args)
+    assert torch.allclose(model.head(final), model(idx, labels, source=src), atol=1e-5)
+
+
+def lower_upper_halves(B, seed):
+    """Toy set: class 1 iff the tokens come from the upper half of the vocabulary."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 2, (B,), generator=g)
+    return torch.randint(0, V // 2, (B, L), generator=g) + y[:, None] * (V // 2), y
+
+
+def test_linear_probe_separates_lower_vs_upper_half_of_the_vocabulary():
+    """40 Adam steps on the heads: some layer classifies held-out data ~perfectly; the loss is
+    the sum of the per-layer cross-entropies; parts are acc_0..acc_D, ce_0..ce_D."""
+    probe = gpt.LinearProbe(tiny_gpt(), num_classes=2).train()
+    opt = torch.optim.Adam(probe.heads.parameters(), lr=0.05)
+    idx, y = lower_upper_halves(64, seed=0)
+    for _ in range(40):
+        loss, parts = probe(idx, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert sorted(parts) == sorted(f'{k}_{i}' for k in ('acc', 'ce') for i in range(3))
+    assert torch.allclose(loss, sum(parts[f'ce_{i}'] for i in range(3)))
+    loss, parts = probe.eval()(*lower_upper_halves(256, seed=1))
+    assert max(parts[f'acc_{i}'] for i in range(3)) >= 98, parts
+
+
+def test_linear_probe_gpt_stays_frozen_in_eval_mode_and_gets_no_grad():
+    """Training the probe (in .train() mode) leaves the GPT's weights unchanged and without
+    grads, its parameters do not require grad, and it stays in eval mode (no dropout: the
+    features are deterministic even with dropout 0.5); the heads start at N(0, 0.01), bias 0."""
+    model = tiny_gpt(dropout=0.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    probe = gpt.LinearProbe(model, num_classes=2).train()
+    assert probe.heads.training and not model.training
+    assert not any(p.requires_grad for p in model.parameters())
+    assert all(h.bias.eq(0).all() and h.weight.std() < 0.02 for h in probe.heads)
+    opt = torch.optim.SGD([p for p in probe.parameters() if p.requires_grad], lr=0.4, momentum=0.9)
+    idx, y = lower_upper_halves(16, seed=0)
+    for _ in range(3):
+        opt.zero_grad()
+        probe(idx, y)[0].backward()
+        opt.step()
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(h.weight.grad is not None for h in probe.heads)
+    a, b = probe.features(idx), probe.features(idx)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+def test_linear_probe_feeds_the_null_class_never_the_labels():
+    """The GPT's class embedding is only looked up at the null class, so the features do not
+    depend on the labels (they are the mean hidden states of the null-class pass, which differ
+    from those of a class-conditioned pass); changing labels changes only the targets."""
+    model, idx = tiny_gpt(), tokens()
+    probe, seen = gpt.LinearProbe(model, num_classes=NC), []
+    model.class_emb.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    probe(idx, LABELS)
+    probe(idx, (LABELS + 1) % NC)
+    assert len(seen) == 2 and all((ids == NC).all() for ids in seen)
+    feats = probe.features(idx)
+    null = [h.mean(1) for h in model.hidden_states(idx)]
+    cond = [h.mean(1) for h in model.hidden_states(idx, LABELS)]
+    assert all(torch.equal(f, n) for f, n in zip(feats, null))
+    assert not torch.allclose(feats[-1], cond[-1])
