@@ -1,6 +1,7 @@
 """
-Images from a trained VAR: class-conditional grids, N samples packed as `.npz` for FID, and
-zero-shot editing (VAR Appendix B: in-painting, out-painting, class-conditional editing).
+Images from a trained VAR, or from DiGIT's two stages (GPT -> DiGIT tokens -> stage 2 -> VQ
+tokens -> VQVAE decoder): class-conditional grids, N samples packed as `.npz` for FID, and, for
+VAR, zero-shot editing (VAR Appendix B: in-painting, out-painting, class-conditional editing).
 
     python sample.py --ckpt out/var/ckpt.pt                           # grid of every class
     python sample.py --ckpt var_d16.pth --vae vae_ch160v4096z32.pth --classes 207,360,387,974 \
@@ -9,6 +10,11 @@ zero-shot editing (VAR Appendix B: in-painting, out-painting, class-conditional 
         --num_samples 50000 --cfg 1.5 --top_k 900 --top_p 0.96 --npz var_d16.npz   # for FID
     python sample.py --ckpt out/var/ckpt.pt --edit_image dog.png --edit_mask hole.png \
         --classes 3                                                    # repaint the white area
+    python sample.py --ckpt out/gpt/ckpt.pt --stage2 out/stage2/ckpt.pt      # DiGIT's grid
+
+Defaults: VAR cfg 4, top-k 900, top-p 0.95 (its demo); DiGIT stage 1 top-k 300 (DiGIT's
+class-conditional base run; it used no CFG, ours is trained with label dropping: cfg 2 for
+grids), stage 2 top-p 0.8 (DiGIT's).
 
 The `.npz` holds `arr_0`, uint8 (N, H, W, 3) as the ADM evaluator reads it, and `labels`:
 sample i has class i % num_classes (50 per class for 50,000 ImageNet samples). Every rank makes
@@ -24,6 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import data
+import gpt
 import train
 import var
 import vqvae
@@ -31,13 +38,18 @@ import vqvae
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument('--ckpt', required=True, help='train.py VAR checkpoint or official var_d*.pth')
+    p.add_argument('--ckpt', required=True, help='train.py var or gpt checkpoint, or an official '
+                   'var_d*.pth')
     p.add_argument('--vae', default='', help="the VQVAE (default: the one the checkpoint names)")
+    p.add_argument('--stage2', default='out/stage2/ckpt.pt', help='DiGIT: the stage-2 checkpoint')
+    p.add_argument('--stage2_top_p', type=float, default=0.8, help='DiGIT: stage-2 top-p')
     p.add_argument('--classes', default='', help='comma-separated labels (default: up to 10)')
     p.add_argument('--per_class', type=int, default=4, help='grid rows: samples of each class')
-    p.add_argument('--cfg', type=float, default=4.0, help='classifier-free guidance (FID: 1.5)')
-    p.add_argument('--top_k', type=int, default=900, help='keep the k most likely tokens (0: all)')
-    p.add_argument('--top_p', type=float, default=0.95, help='nucleus sampling mass (0: off)')
+    p.add_argument('--cfg', type=float, help='classifier-free guidance (VAR 4, its FID 1.5; '
+                   'DiGIT 2)')
+    p.add_argument('--top_k', type=int, help='keep the k most likely tokens (0: all; VAR 900, '
+                   'DiGIT 300)')
+    p.add_argument('--top_p', type=float, help='nucleus sampling mass (0: off; VAR 0.95, DiGIT 0)')
     p.add_argument('--more_smooth', action='store_true', help='Gumbel-softmax codes (for looks)')
     p.add_argument('--temperature', type=float, default=1.0, help='softmax temperature')
     p.add_argument('--seed', type=int, default=0, help='sampling seed')
@@ -53,14 +65,59 @@ def get_args(argv=None):
 
 
 def load(args, device):
-    """The VQVAE and VAR of a checkpoint (ours names its VQVAE; official files need --vae)."""
+    """A sampler from a checkpoint: generate(labels (B,), seed, **edit) -> images (B, 3, H, W)
+    in [0, 1], the VQVAE, the number of classes and the class names. VAR: ours names its VQVAE,
+    official files need --vae. DiGIT: a gpt checkpoint and --stage2, which names its VQVAE."""
     ckpt = torch.load(args.ckpt, map_location='cpu', weights_only=True)
+    kind = ckpt.get('kind', 'var')
+    defaults = dict(cfg=2.0, top_k=300, top_p=0.0) if kind == 'gpt' else \
+        dict(cfg=4.0, top_k=900, top_p=0.95)
+    for k, v in defaults.items():
+        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
+    if kind == 'gpt':
+        return load_digit(args, ckpt, device)
     vae_path = args.vae or (ckpt.get('vae') if isinstance(ckpt.get('vae'), str) else '')
     if not vae_path:
         raise SystemExit(f'{args.ckpt} names no VQVAE: pass --vae vae_ch160v4096z32.pth')
     vae = vqvae.VQVAE.from_checkpoint(vae_path).to(device).eval()
     model = var.VAR.from_checkpoint(args.ckpt, vae, use_ema=not args.no_ema).to(device).eval()
-    return model, ckpt.get('class_names')
+    generate = lambda labels, seed, **kw: model.generate(
+        labels, args.cfg, args.top_k, args.top_p, seed, args.more_smooth,
+        temperature=args.temperature, **kw)
+    return generate, vae, model.num_classes, ckpt.get('class_names')
+
+
+def load_gpt(ckpt, use_ema, kind):
+    """A DiGIT GPT (stage 1 or stage 2) from its train.py checkpoint dict, in eval mode."""
+    if ckpt.get('kind') != kind:
+        raise SystemExit(f"expected a train.py {kind} checkpoint, got kind {ckpt.get('kind')}")
+    model = gpt.GPT(**ckpt['config'])
+    model.load_state_dict(ckpt['ema'] if use_ema and ckpt.get('ema') else ckpt['model'])
+    return model.eval()
+
+
+def load_digit(args, ckpt, device):
+    """DiGIT's chain: GPT -> DiGIT tokens -> stage 2 -> VQ tokens -> the VQVAE's decoder."""
+    if not os.path.exists(args.stage2):
+        raise SystemExit(f'--stage2 {args.stage2} not found: train it (python train.py --model '
+                         'stage2) to turn DiGIT tokens into pixels')
+    s2_ckpt = torch.load(args.stage2, map_location='cpu', weights_only=True)
+    stage1 = load_gpt(ckpt, not args.no_ema, 'gpt').to(device)
+    stage2 = load_gpt(s2_ckpt, not args.no_ema, 'stage2').to(device)
+    if (stage2.config.source_len, stage2.config.source_vocab_size) != \
+            (stage1.config.block_size, stage1.config.vocab_size):
+        raise SystemExit(f'{args.stage2} was trained on another DiGIT tokenizer than {args.ckpt}')
+    vae = vqvae.VQVAE.from_checkpoint(args.vae or s2_ckpt['vae']).to(device).eval()
+
+    def generate(labels, seed, **edit):
+        if edit:
+            raise SystemExit('zero-shot editing is VAR\'s; DiGIT completes prefixes instead')
+        tokens = stage1.generate(labels, cfg=args.cfg, temperature=args.temperature,
+                                 top_k=args.top_k, top_p=args.top_p, seed=seed)    # (B, S)
+        vq = stage2.generate(torch.zeros_like(labels), top_p=args.stage2_top_p, seed=seed,
+                             source=tokens)                                       # (B, L)
+        return (vae.idx_to_img([vq]) + 1) / 2
+    return generate, vae, stage1.num_classes, ckpt.get('class_names')
 
 
 def load_image(path, resolution, mode='RGB'):
@@ -77,12 +134,8 @@ def load_image(path, resolution, mode='RGB'):
 def main(args):
     device, rank, world = train.setup(argparse.Namespace(device=args.device, dtype='float32',
                                                          compile=False))
-    model, class_names = load(args, device)
-    vae, K = model.vae[0], model.num_classes
-    resolution = model.patch_nums[-1] * vae.downsample
-    gen = lambda labels, seed, **kw: model.generate(
-        labels, args.cfg, args.top_k, args.top_p, seed, args.more_smooth,
-        temperature=args.temperature, **kw)
+    gen, vae, K, class_names = load(args, device)
+    resolution = vae.config.patch_nums[-1] * vae.downsample
     if args.num_samples:   # N samples for FID, sharded over ranks
         mine = list(range(rank, args.num_samples, world))
         out = []

@@ -3,12 +3,15 @@ One trainer for every model of the repo: `--model vqvae`, the multi-scale VQVAE 
 a tokenizer the official VAR code never released the training of; `--model var`, VAR itself
 (var.py) on a frozen tokenizer; `--model ssl`, the small self-supervised ViT (tokenizer.py) that
 stands in for DINOv2 in DiGIT's tokenizer where no pretrained weights can be downloaded;
-`--model gpt`, DiGIT's raster-order GPT (gpt.py) on the tokens of a saved DiGIT tokenizer.
+`--model gpt`, DiGIT's raster-order GPT (gpt.py) on the tokens of a saved DiGIT tokenizer;
+`--model stage2`, DiGIT's stage 2 (gpt.py): the tokens of a single-scale VQVAE from DiGIT's.
 
     python train.py --model vqvae                         # laptop / CPU: built-in data, 32 px
     python train.py --model var --depth 4 --lr 1e-3 --max_iters 300     # ... then VAR on it
     python train.py --model ssl && python tokenizer.py fit   # DiGIT's tokenizer, offline
     python train.py --model gpt --depth 4                    # ... then DiGIT's GPT on it
+    python train.py --model vqvae --patch_nums 8 --out_dir out/vqvae_1scale   # and stage 2
+    python train.py --model stage2 --depth 4 --vae out/vqvae_1scale/ckpt.pt
     python train.py --model vqvae --data ~/imagenet --resolution 256     # one GPU, VAR's config
     torchrun --standalone --nproc_per_node=8 train.py --model var --depth 16 --data ~/imagenet \
         --resolution 256 --vae vae_ch160v4096z32.pth --total_batch_size 768   # 8 GPUs (2 nodes:
@@ -59,29 +62,30 @@ MODEL_DEFAULTS = {
     'gpt': dict(weight_decay=0.01, beta1=0.9, beta2=0.98, lr_schedule='inverse_sqrt',
                 label_smooth=0.1, grad_clip=1.0, dropout=0.1),
 }
+MODEL_DEFAULTS['stage2'] = MODEL_DEFAULTS['gpt']   # DiGIT trains stage 2 the same way
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     g = p.add_argument_group('model')
-    g.add_argument('--model', choices=['vqvae', 'var', 'ssl', 'gpt'], default='vqvae',
+    g.add_argument('--model', choices=['vqvae', 'var', 'ssl', 'gpt', 'stage2'], default='vqvae',
                    help='what to train')
     g.add_argument('--depth', type=int, help='VAR: blocks (default 16); width 64*depth, heads = '
                    'depth (paper: 16, 20, 24, 30). ssl: blocks (default 4); width 32*depth, '
-                   'heads = depth/2. gpt: as VAR (DiGIT-base is 16)')
+                   'heads = depth/2. gpt, stage2: as VAR (DiGIT-base: 16)')
     g.add_argument('--patch_size', type=int,
                    help='ssl: ViT patch side (default: resolution / 8, an 8x8 token grid)')
-    g.add_argument('--vae', default='out/vqvae/ckpt.pt',
-                   help='VAR: the frozen tokenizer, a train.py checkpoint or '
-                   'vae_ch160v4096z32.pth')
+    g.add_argument('--vae', help='var: the frozen tokenizer, a train.py checkpoint or '
+                   'vae_ch160v4096z32.pth (default out/vqvae/ckpt.pt); stage2: a single-scale '
+                   'VQVAE (default out/vqvae_1scale/ckpt.pt)')
     g.add_argument('--cache_tokens', action=argparse.BooleanOptionalAction, default=True,
                    help='VAR: tokenize the data once (eval crops) instead of every batch')
     g.add_argument('--label_smooth', type=float, help='label smoothing (VAR 0, gpt 0.1)')
     g.add_argument('--tokenizer', default='out/tokenizer/tokenizer.pt',
-                   help='gpt: the frozen DiGIT tokenizer (python tokenizer.py fit)')
+                   help='gpt, stage2: the frozen DiGIT tokenizer (python tokenizer.py fit)')
     g.add_argument('--cond', choices=['token', 'adaln'], default='token',
                    help='gpt: class as the start token, or also AdaLN in every block')
-    g.add_argument('--dropout', type=float, help='gpt: dropout (0.1)')
+    g.add_argument('--dropout', type=float, help='gpt, stage2: dropout (0.1)')
     g.add_argument('--cfg', type=float, default=4.0, help='var, gpt: guidance of the sample grids')
     g.add_argument('--top_k', type=int, default=0, help='var, gpt: top-k of the sample grids')
     g.add_argument('--top_p', type=float, default=0.0, help='var, gpt: top-p of the sample grids')
@@ -165,8 +169,11 @@ def get_args(argv=None):
     if args.lr is None and args.model == 'vqvae':   # VQGAN-like: the tiny model takes more
         args.lr = 1e-3 if args.vae_preset == 'tiny' else 2e-4
     elif args.lr is None:
-        args.lr = {'ssl': 1e-3, 'gpt': 3e-4}.get(args.model, 1e-4 * args.total_batch_size / 256)
-    if args.warmup_iters is None and args.model in ('var', 'gpt'):
+        args.lr = {'ssl': 1e-3, 'gpt': 3e-4, 'stage2': 5e-4}.get(
+            args.model, 1e-4 * args.total_batch_size / 256)
+    args.vae = args.vae or ('out/vqvae_1scale/ckpt.pt' if args.model == 'stage2'
+                            else 'out/vqvae/ckpt.pt')
+    if args.warmup_iters is None and args.model in ('var', 'gpt', 'stage2'):
         args.warmup_iters = args.max_iters // (50 if args.model == 'var' else 10)
     return args
 
@@ -322,11 +329,16 @@ def save_feature_maps(model, val_set, path, device, n=8):
 # ----------------------------------------------------------------------------------------------
 # The GPT task: DiGIT's raster-order GPT on the tokens of a frozen DiGIT tokenizer
 
-def gpt_loss(model, batch, args, device):
+def gpt_loss(model, batch, args, device, source_len=0):
     """DiGIT's label-smoothed cross-entropy over the L tokens; also the plain cross-entropy
-    and the top-1 token accuracy. batch: cached tokens (B, L) and labels (B,)."""
+    and the top-1 token accuracy. batch: cached tokens (B, L) and labels (B,); stage 2:
+    (B, S + L), the S DiGIT tokens its source, unconditional."""
     tokens, labels = batch[0].to(device, non_blocking=True), batch[1].to(device)
-    logits = model(tokens, labels)                                                # (B, L, V)
+    source, tokens = tokens[:, :source_len], tokens[:, source_len:]              # (B, S), (B, L)
+    if source_len:
+        logits = model(tokens, source=source)                                     # (B, L, V)
+    else:
+        logits = model(tokens, labels)                                            # (B, L, V)
     loss = gpt.loss(logits, tokens, args.label_smooth)
     ce = F.cross_entropy(logits.detach().flatten(0, 1), tokens.flatten())
     return loss, dict(ce=ce, acc=(logits.detach().argmax(-1) == tokens).float().mean() * 100)
@@ -366,6 +378,23 @@ def save_gpt_samples(model, means, path, args, num_classes, device, per_class=4)
     model.train()
 
 
+@torch.no_grad()
+def save_stage2_samples(model, vae, token_set, images, path, args, device, n=8):
+    """Grid: n held-out images; their VQVAE reconstruction (stage 2's ceiling); two stage-2
+    renderings of their DiGIT tokens (top-p 0.8, DiGIT's), decoded by the VQVAE."""
+    model.eval()
+    S = model.config.source_len
+    tokens = torch.stack([token_set[i][0] for i in range(n)]).to(device)          # (n, S + L)
+    rows = [torch.stack([images[i][0] for i in range(n)]).to(device),
+            vae.idx_to_img([tokens[:, S:]])]
+    for seed in (args.seed, args.seed + 1):
+        vq = model.generate(torch.zeros(n, dtype=torch.long, device=device), top_k=args.top_k,
+                            top_p=args.top_p or 0.8, seed=seed, source=tokens[:, :S])
+        rows.append(vae.idx_to_img([vq]))
+    data.save_image_grid(torch.cat(rows).float().cpu(), path, nrow=n)
+    model.train()
+
+
 # ----------------------------------------------------------------------------------------------
 # The VAR task: tokens, loss, validation, samples
 
@@ -380,6 +409,18 @@ class TokenDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.tokens[i].long(), self.labels[i], 0
+
+
+def load_vqvae(args, device):
+    """The frozen VQVAE of --vae, checked against --resolution."""
+    if not os.path.exists(args.vae):
+        raise SystemExit(f'--vae {args.vae} not found: train a tokenizer first (python train.py '
+                         '--model vqvae ...) or pass the released vae_ch160v4096z32.pth')
+    vae = vqvae.VQVAE.from_checkpoint(args.vae).to(device).eval().requires_grad_(False)
+    if args.resolution != vae.config.patch_nums[-1] * vae.downsample:
+        raise SystemExit(f'--resolution {args.resolution} does not fit the tokenizer, '
+                         f'made for {vae.config.patch_nums[-1] * vae.downsample} px images')
+    return vae
 
 
 def tokenizer_key(config, tensors):
@@ -536,13 +577,7 @@ def main(args):
         print0(f'resuming from {ckpt_path} at step {ckpt["step"]}')
     vae = None
     if args.model == 'var':   # the frozen tokenizer, and the data as its tokens
-        if not os.path.exists(args.vae):
-            raise SystemExit(f'--vae {args.vae} not found: train a tokenizer first (python '
-                             'train.py --model vqvae) or pass the released vae_ch160v4096z32.pth')
-        vae = vqvae.VQVAE.from_checkpoint(args.vae).to(device).eval().requires_grad_(False)
-        if args.resolution != vae.config.patch_nums[-1] * vae.downsample:
-            raise SystemExit(f'--resolution {args.resolution} does not fit the tokenizer, '
-                             f'made for {vae.config.patch_nums[-1] * vae.downsample} px images')
+        vae = load_vqvae(args, device)
         if args.cache_tokens:
             encode = lambda img: torch.cat(vae.img_to_idx(img), 1)                  # (B, L)
             key = tokenizer_key(asdict(vae.config), vae.parameters())
@@ -553,24 +588,40 @@ def main(args):
         config = asdict(var.VARConfig(depth=args.depth, num_classes=len(class_names),
                                       patch_nums=vae.config.patch_nums))
         build = lambda: var.VAR(vae, **config)
-    elif args.model == 'gpt':   # the frozen DiGIT tokenizer, and the data as its tokens
+    elif args.model in ('gpt', 'stage2'):   # frozen tokenizers, and the data as their tokens
         if not os.path.exists(args.tokenizer):
             raise SystemExit(f'--tokenizer {args.tokenizer} not found: make one first (python '
                              'train.py --model ssl; python tokenizer.py fit)')
         tok = tokenizer.Tokenizer.load(args.tokenizer).to(device)
         key = tokenizer_key(dict(encoder=asdict(tok.encoder.config), layer=tok.layer,
                                  resolution=tok.resolution), [tok.centroids, *tok.parameters()])
+        encode, S = tok.encode, 0
+        if args.model == 'stage2':   # source: DiGIT tokens (B, S); target: VQ tokens (B, L)
+            vae = load_vqvae(args, device)
+            if len(vae.config.patch_nums) != 1:
+                raise SystemExit(f'--vae {args.vae} has {len(vae.config.patch_nums)} scales; '
+                                 'stage 2 needs one: python train.py --model vqvae --patch_nums '
+                                 '8 --out_dir out/vqvae_1scale')
+            key = dict(key, vae=tokenizer_key(asdict(vae.config), vae.parameters()))
+            encode, S = lambda img: torch.cat((tok.encode(img), vae.img_to_idx(img)[0]), 1), \
+                tok.grid ** 2
         images = val_set
-        train_set = tokenize(tok.encode, key, train_set, os.path.join(args.out_dir,
+        train_set = tokenize(encode, key, train_set, os.path.join(args.out_dir,
                              'tokens_train.pt'), args, device, rank, world)
-        val_set = tokenize(tok.encode, key, val_set, os.path.join(args.out_dir, 'tokens_val.pt'),
+        val_set = tokenize(encode, key, val_set, os.path.join(args.out_dir, 'tokens_val.pt'),
                            args, device, rank, world, limit=args.eval_images)
-        n = min(len(val_set), 1000)
-        means = patch_means(val_set.tokens[:n].long(), torch.stack([images[i][0]
-                            for i in range(n)]), tok.vocab_size)                 # (V, 3, p, q)
-        config = asdict(gpt.GPTConfig(vocab_size=tok.vocab_size, block_size=tok.grid ** 2,
-                                      depth=args.depth, num_classes=len(class_names),
-                                      cond=args.cond, dropout=args.dropout))
+        if args.model == 'gpt':
+            n = min(len(val_set), 1000)
+            means = patch_means(val_set.tokens[:n].long(), torch.stack([images[i][0]
+                                for i in range(n)]), tok.vocab_size)             # (V, 3, p, q)
+            config = asdict(gpt.GPTConfig(vocab_size=tok.vocab_size, block_size=tok.grid ** 2,
+                                          depth=args.depth, num_classes=len(class_names),
+                                          cond=args.cond, dropout=args.dropout))
+        else:
+            config = asdict(gpt.GPTConfig(
+                vocab_size=vae.config.vocab_size, block_size=vae.config.patch_nums[0] ** 2,
+                depth=args.depth, num_classes=0, dropout=args.dropout,
+                source_vocab_size=tok.vocab_size, source_len=S))
         build = lambda: gpt.GPT(**config)
     elif args.model == 'ssl':
         config = asdict(tokenizer.StandInConfig(
@@ -620,18 +671,20 @@ def main(args):
         disc = DDP(disc) if disc is not None else None
     disc_raw = disc.module if isinstance(disc, DDP) else disc
     eval_model = ema if ema is not None else raw   # validation and pictures use the EMA
-    if args.model == 'gpt':
-        batch_sums = lambda batch: loss_sums(lambda: gpt_loss(eval_model, batch, args, device),
+    if args.model in ('gpt', 'stage2'):
+        S = config['source_len']
+        batch_sums = lambda batch: loss_sums(lambda: gpt_loss(eval_model, batch, args, device, S),
                                              batch, ctx)
-        picture = lambda path: save_gpt_samples(eval_model, means, path, args, len(class_names),
-                                                device)
+        picture = (lambda path: save_gpt_samples(eval_model, means, path, args,
+                                                 len(class_names), device)) if not S else (
+            lambda path: save_stage2_samples(eval_model, vae, val_set, images, path, args, device))
         picture_name = 'samples'
     elif args.model == 'ssl':
         batch_sums = lambda batch: loss_sums(lambda: eval_model(
             batch[0].to(device), ssl_views_seed(batch, args.seed)), batch, ctx)
         picture = lambda path: save_feature_maps(eval_model, val_set, path, device)
         picture_name = 'features'
-    elif vae is None:
+    elif args.model == 'vqvae':
         batch_sums = lambda batch: vqvae_val_sums(eval_model, batch, device, ctx)
         picture = lambda path: save_reconstructions(eval_model, val_set, path, device)
         picture_name = 'recon'
@@ -647,7 +700,7 @@ def main(args):
             save_checkpoint(ckpt_path, dict(
                 kind=args.model, config=config, model=raw.state_dict(),
                 vae=args.vae if vae is not None else None,
-                tokenizer=args.tokenizer if args.model == 'gpt' else None,
+                tokenizer=args.tokenizer if args.model in ('gpt', 'stage2') else None,
                 ema=ema.state_dict() if ema is not None else None,
                 optimizer=optimizer.state_dict(), step=step, data_cursor=list(cursor),
                 skipped_files=skipped, args=vars(args), class_names=class_names,
@@ -681,12 +734,12 @@ def main(args):
             sync = micro == accum - 1   # important! all-reduce gradients on the last micro-step
             with model.no_sync() if world > 1 and not sync else nullcontext():
                 with ctx:
-                    if vae is not None:
+                    if args.model == 'var':
                         loss, parts = var_loss(model, vae, batch, args, device)
                     elif args.model == 'ssl':
                         loss, parts = model(img)
-                    elif args.model == 'gpt':
-                        loss, parts = gpt_loss(model, batch, args, device)
+                    elif args.model in ('gpt', 'stage2'):
+                        loss, parts = gpt_loss(model, batch, args, device, S)
                     else:
                         loss, parts, rec = vqvae_loss(model, raw, img, step, args, disc_raw, lpips)
                 scaler.scale(loss / accum).backward()
@@ -747,7 +800,7 @@ def main(args):
     if master:
         per_scale = lambda v: ', '.join(f'{pn}x{pn}: {c:.1f}%'
                                         for pn, c in zip(config['patch_nums'], v))
-        if args.model == 'gpt':
+        if args.model in ('gpt', 'stage2'):
             print(f'\nheld-out cross-entropy {r["ce"]:.3f} (label-smoothed loss {r["loss"]:.3f}) '
                   f'after {step} steps; token accuracy {r["acc"]:.1f}%')
         elif args.model == 'ssl':
@@ -755,7 +808,7 @@ def main(args):
                   f'{r["glob"]:.3f}, patch {r["patch"]:.3f}); top-1 retrieval of the other view '
                   f'{100 * r["acc_g"]:.1f}% (images), {100 * r["acc_p"]:.1f}% (patches)\n'
                   f'next: python tokenizer.py fit --encoder {ckpt_path}')
-        elif vae is None:
+        elif args.model == 'vqvae':
             print(f'\nheld-out reconstruction PSNR {r["psnr"]:.2f} dB (l2 {r["l2"]:.4f}) after '
                   f'{step} steps\ncodebook used per scale on held-out images: '
                   f'{per_scale(r["codes%"])}')
