@@ -866,6 +866,10 @@ def test_tokenizer_encode_is_nearest_centroid_of_block_features():
     brute = torch.cdist(blocks[2].reshape(-1, 32).double(), tok.centroids.double()).argmin(1)
     assert torch.equal(tokens.flatten(), brute)
     assert len(tokens.unique()) > 1   # not a degenerate codebook
+    f = torch.randn(4000, 32)   # random features: many near-ties, which bf16 would flip
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert torch.equal(tok.nearest(f), torch.cdist(f.double(), tok.centroids.double())
+                           .argmin(1))
 
 
 def test_tokenizer_save_load_round_trip_identical_tokens(tmp_path):
@@ -1277,6 +1281,43 @@ def test_train_ssl_resumes_exactly_and_feeds_the_tokenizer(tmp_path):
     assert (tok.layer, tok.resolution, tok.grid, tok.vocab_size) == (1, 16, 4, 4)
     assert torch.equal(tokenizer.Tokenizer.load(str(tmp_path / 't.pt')).encode(images(2, 16)),
                        tok.encode(images(2, 16)))
+
+def test_train_digit_chain_gpt_stage2_and_sample(tmp_path):
+    """DiGIT end to end on 16 px built-in images: the stand-in encoder, K-Means, the GPT (4 steps
+    == 2 + resume 2), a one-scale VQVAE, stage 2, then sample.py's grid and .npz of the chain."""
+    train.main(train.get_args(tiny_run(tmp_path / 'ssl', '--model', 'ssl', '--depth', '4',
+                                       '--patch_size', '4', '--max_iters', '2')))
+    tok = str(tmp_path / 'tok.pt')
+    tokenizer.main(['fit', '--encoder', str(tmp_path / 'ssl' / 'ckpt.pt'), '--k', '8',
+                    '--images', '16', '--n_iter', '2', '--out', tok])
+    g = ('--model', 'gpt', '--depth', '1', '--tokenizer', tok, '--max_iters', '4')
+    whole = train.main(train.get_args(tiny_run(tmp_path / 'ga', *g)))
+    split = tiny_run(tmp_path / 'gb', *g, '--stop_after', '2')
+    train.main(train.get_args(split))
+    resumed = train.main(train.get_args(split))
+    for (k, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+    ckpt = torch.load(tmp_path / 'gb' / 'ckpt.pt', weights_only=True)
+    assert ckpt['tokenizer'] == tok and ckpt['config']['block_size'] == 16
+    assert 'eval 4 ce' in open(tmp_path / 'gb' / 'log.txt').read()
+    assert (tmp_path / 'gb' / 'samples_000003.png').exists()
+    train.main(train.get_args(tiny_run(tmp_path / 'vq', '--patch_nums', '4', '--max_iters', '2')))
+    s2 = ('--model', 'stage2', '--depth', '1', '--tokenizer', tok, '--max_iters', '2')
+    save_vqvae(tiny_vqvae(), tmp_path / 'multiscale.pt')
+    with pytest.raises(SystemExit, match='stage 2 needs one'):
+        train.main(train.get_args(tiny_run(tmp_path / 'bad', *s2, '--vae',
+                                           str(tmp_path / 'multiscale.pt'))))
+    model = train.main(train.get_args(tiny_run(tmp_path / 's2', *s2, '--vae',
+                                               str(tmp_path / 'vq' / 'ckpt.pt'))))
+    assert (model.config.source_len, model.config.source_vocab_size,
+            model.config.block_size, model.config.vocab_size) == (16, 8, 16, 64)
+    chain = ['--ckpt', str(tmp_path / 'gb' / 'ckpt.pt'), '--stage2', str(tmp_path / 's2' /
+             'ckpt.pt'), '--device', 'cpu', '--per_class', '1']
+    sample.main(sample.get_args(chain + ['--out', str(tmp_path / 'grid.png')]))
+    assert Image.open(tmp_path / 'grid.png').size == (2 + 10 * 18, 2 + 18)  # 10 classes, 16 px
+    sample.main(sample.get_args(chain + ['--num_samples', '3', '--npz', str(tmp_path / 'd.npz')]))
+    npz = np.load(tmp_path / 'd.npz')
+    assert npz['arr_0'].shape == (3, 16, 16, 3) and list(npz['labels']) == [0, 1, 2]
 
 def test_train_skips_unreadable_images_without_crashing(tmp_path):
     rng = np.random.default_rng(0)

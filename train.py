@@ -519,7 +519,7 @@ def validate(model, val_set, args, device, world, rank, batch_sums):
     n = sums.pop('n').clamp_min(1)
     if 'codes%' in sums:
         sums['codes%'] = (sums['codes%'] > 0).float().mean(1) * 100 * n
-    return {k: (v / n).item() if v.numel() == 1 else (v / n).tolist() for k, v in sums.items()}
+    return {k: (v / n).tolist() if v.ndim else (v / n).item() for k, v in sums.items()}
 
 
 def format_stats(stats):
