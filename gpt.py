@@ -18,6 +18,7 @@ xformers imports); it picks flash / memory-efficient kernels on GPU by itself.
 Test: `python -m pytest test_all.py -k "gpt or var"`.
 """
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -380,6 +381,19 @@ class GPT(nn.Module):
                 block.attn.kv_cache = None
         return out
 
+
+    @classmethod
+    def from_checkpoint(cls, ckpt, kinds=('gpt', 'stage2'), use_ema=True):
+        """A GPT from a train.py checkpoint (a path or its loaded dict) of one of `kinds`, with
+        its EMA weights if it has them and use_ema, in eval mode."""
+        state = torch.load(ckpt, map_location='cpu', weights_only=True) if isinstance(
+            ckpt, (str, os.PathLike)) else ckpt
+        if not isinstance(state, dict) or state.get('kind') not in kinds:
+            kind = state.get('kind') if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f'expected a train.py {" or ".join(kinds)} checkpoint, got {kind}')
+        model = cls(**state['config'])
+        model.load_state_dict(state['ema'] if use_ema and state.get('ema') else state['model'])
+        return model.eval()
 
 class LinearProbe(nn.Module):
     """DiGIT's linear probe (Table 2, Fig. 3b; iGPT's protocol): a frozen GPT, and one linear

@@ -87,23 +87,14 @@ def load(args, device):
     return generate, vae, model.num_classes, ckpt.get('class_names')
 
 
-def load_gpt(ckpt, use_ema, kind):
-    """A DiGIT GPT (stage 1 or stage 2) from its train.py checkpoint dict, in eval mode."""
-    if ckpt.get('kind') != kind:
-        raise SystemExit(f"expected a train.py {kind} checkpoint, got kind {ckpt.get('kind')}")
-    model = gpt.GPT(**ckpt['config'])
-    model.load_state_dict(ckpt['ema'] if use_ema and ckpt.get('ema') else ckpt['model'])
-    return model.eval()
-
-
 def load_digit(args, ckpt, device):
     """DiGIT's chain: GPT -> DiGIT tokens -> stage 2 -> VQ tokens -> the VQVAE's decoder."""
     if not os.path.exists(args.stage2):
         raise SystemExit(f'--stage2 {args.stage2} not found: train it (python train.py --model '
                          'stage2) to turn DiGIT tokens into pixels')
     s2_ckpt = torch.load(args.stage2, map_location='cpu', weights_only=True)
-    stage1 = load_gpt(ckpt, not args.no_ema, 'gpt').to(device)
-    stage2 = load_gpt(s2_ckpt, not args.no_ema, 'stage2').to(device)
+    stage1 = gpt.GPT.from_checkpoint(ckpt, ['gpt'], not args.no_ema).to(device)
+    stage2 = gpt.GPT.from_checkpoint(s2_ckpt, ['stage2'], not args.no_ema).to(device)
     if (stage2.config.source_len, stage2.config.source_vocab_size) != \
             (stage1.config.block_size, stage1.config.vocab_size):
         raise SystemExit(f'{args.stage2} was trained on another DiGIT tokenizer than {args.ckpt}')

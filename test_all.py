@@ -1301,6 +1301,11 @@ def test_train_digit_chain_gpt_stage2_and_sample(tmp_path):
     assert ckpt['tokenizer'] == tok and ckpt['config']['block_size'] == 16
     assert 'eval 4 ce' in open(tmp_path / 'gb' / 'log.txt').read()
     assert (tmp_path / 'gb' / 'samples_000003.png').exists()
+    probe = train.main(train.get_args(tiny_run(tmp_path / 'probe', '--model', 'probe', '--gpt',
+                                               str(tmp_path / 'gb' / 'ckpt.pt'))))
+    assert len(probe.heads) == 2 and all(torch.equal(v, resumed.state_dict()[k])
+                                         for k, v in probe.gpt.state_dict().items())
+    assert 'eval 6 ce ' in open(tmp_path / 'probe' / 'log.txt').read()
     train.main(train.get_args(tiny_run(tmp_path / 'vq', '--patch_nums', '4', '--max_iters', '2')))
     s2 = ('--model', 'stage2', '--depth', '1', '--tokenizer', tok, '--max_iters', '2')
     save_vqvae(tiny_vqvae(), tmp_path / 'multiscale.pt')

@@ -4,7 +4,8 @@ a tokenizer the official VAR code never released the training of; `--model var`,
 (var.py) on a frozen tokenizer; `--model ssl`, the small self-supervised ViT (tokenizer.py) that
 stands in for DINOv2 in DiGIT's tokenizer where no pretrained weights can be downloaded;
 `--model gpt`, DiGIT's raster-order GPT (gpt.py) on the tokens of a saved DiGIT tokenizer;
-`--model stage2`, DiGIT's stage 2 (gpt.py): the tokens of a single-scale VQVAE from DiGIT's.
+`--model stage2`, DiGIT's stage 2 (gpt.py): the tokens of a single-scale VQVAE from DiGIT's;
+`--model probe`, DiGIT's linear probe (Table 2): a linear classifier per layer of a frozen GPT.
 
     python train.py --model vqvae                         # laptop / CPU: built-in data, 32 px
     python train.py --model var --depth 4 --lr 1e-3 --max_iters 300     # ... then VAR on it
@@ -12,6 +13,7 @@ stands in for DINOv2 in DiGIT's tokenizer where no pretrained weights can be dow
     python train.py --model gpt --depth 4                    # ... then DiGIT's GPT on it
     python train.py --model vqvae --patch_nums 8 --out_dir out/vqvae_1scale   # and stage 2
     python train.py --model stage2 --depth 4 --vae out/vqvae_1scale/ckpt.pt
+    python train.py --model probe --gpt out/gpt/ckpt.pt       # top-1 per layer of the GPT
     python train.py --model vqvae --data ~/imagenet --resolution 256     # one GPU, VAR's config
     torchrun --standalone --nproc_per_node=8 train.py --model var --depth 16 --data ~/imagenet \
         --resolution 256 --vae vae_ch160v4096z32.pth --total_batch_size 768   # 8 GPUs (2 nodes:
@@ -63,12 +65,15 @@ MODEL_DEFAULTS = {
                 label_smooth=0.1, grad_clip=1.0, dropout=0.1),
 }
 MODEL_DEFAULTS['stage2'] = MODEL_DEFAULTS['gpt']   # DiGIT trains stage 2 the same way
+MODEL_DEFAULTS['probe'] = dict(weight_decay=0.0, beta1=0.9, beta2=0.999, lr_schedule='cosine',
+                               warmup_iters=0, max_iters=300, total_batch_size=64, batch_size=64)
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     g = p.add_argument_group('model')
-    g.add_argument('--model', choices=['vqvae', 'var', 'ssl', 'gpt', 'stage2'], default='vqvae',
+    g.add_argument('--model', choices=['vqvae', 'var', 'ssl', 'gpt', 'stage2', 'probe'],
+                   default='vqvae',
                    help='what to train')
     g.add_argument('--depth', type=int, help='VAR: blocks (default 16); width 64*depth, heads = '
                    'depth (paper: 16, 20, 24, 30). ssl: blocks (default 4); width 32*depth, '
@@ -83,6 +88,8 @@ def get_args(argv=None):
     g.add_argument('--label_smooth', type=float, help='label smoothing (VAR 0, gpt 0.1)')
     g.add_argument('--tokenizer', default='out/tokenizer/tokenizer.pt',
                    help='gpt, stage2: the frozen DiGIT tokenizer (python tokenizer.py fit)')
+    g.add_argument('--gpt', default='out/gpt/ckpt.pt', help='probe: the GPT to probe (its '
+                   'tokenizer comes with it)')
     g.add_argument('--cond', choices=['token', 'adaln'], default='token',
                    help='gpt: class as the start token, or also AdaLN in every block')
     g.add_argument('--dropout', type=float, help='gpt, stage2: dropout (0.1)')
@@ -169,7 +176,7 @@ def get_args(argv=None):
     if args.lr is None and args.model == 'vqvae':   # VQGAN-like: the tiny model takes more
         args.lr = 1e-3 if args.vae_preset == 'tiny' else 2e-4
     elif args.lr is None:
-        args.lr = {'ssl': 1e-3, 'gpt': 3e-4, 'stage2': 5e-4}.get(
+        args.lr = {'ssl': 1e-3, 'gpt': 3e-4, 'stage2': 5e-4, 'probe': 3e-3}.get(
             args.model, 1e-4 * args.total_batch_size / 256)
     args.vae = args.vae or ('out/vqvae_1scale/ckpt.pt' if args.model == 'stage2'
                             else 'out/vqvae/ckpt.pt')
@@ -588,7 +595,15 @@ def main(args):
         config = asdict(var.VARConfig(depth=args.depth, num_classes=len(class_names),
                                       patch_nums=vae.config.patch_nums))
         build = lambda: var.VAR(vae, **config)
-    elif args.model in ('gpt', 'stage2'):   # frozen tokenizers, and the data as their tokens
+    elif args.model in ('gpt', 'stage2', 'probe'):   # frozen tokenizers, the data as tokens
+        if args.model == 'probe':   # the GPT to probe names its tokenizer
+            if not os.path.exists(args.gpt):
+                raise SystemExit(f'--gpt {args.gpt} not found: train one (python train.py '
+                                 '--model gpt)')
+            probed = torch.load(args.gpt, map_location='cpu', weights_only=True)
+            if probed.get('kind') != 'gpt':
+                raise SystemExit(f"--gpt {args.gpt} holds a {probed.get('kind')} run, not a gpt")
+            args.tokenizer = probed['tokenizer']
         if not os.path.exists(args.tokenizer):
             raise SystemExit(f'--tokenizer {args.tokenizer} not found: make one first (python '
                              'train.py --model ssl; python tokenizer.py fit)')
@@ -610,7 +625,11 @@ def main(args):
                              'tokens_train.pt'), args, device, rank, world)
         val_set = tokenize(encode, key, val_set, os.path.join(args.out_dir, 'tokens_val.pt'),
                            args, device, rank, world, limit=args.eval_images)
-        if args.model == 'gpt':
+        if args.model == 'probe':
+            config = dict(gpt=probed['config'], num_classes=len(class_names))
+            build = lambda: gpt.LinearProbe(gpt.GPT.from_checkpoint(probed, ['gpt']),
+                                            config['num_classes'])
+        elif args.model == 'gpt':
             n = min(len(val_set), 1000)
             means = patch_means(val_set.tokens[:n].long(), torch.stack([images[i][0]
                                 for i in range(n)]), tok.vocab_size)             # (V, 3, p, q)
@@ -622,7 +641,8 @@ def main(args):
                 vocab_size=vae.config.vocab_size, block_size=vae.config.patch_nums[0] ** 2,
                 depth=args.depth, num_classes=0, dropout=args.dropout,
                 source_vocab_size=tok.vocab_size, source_len=S))
-        build = lambda: gpt.GPT(**config)
+        if args.model != 'probe':
+            build = lambda: gpt.GPT(**config)
     elif args.model == 'ssl':
         config = asdict(tokenizer.StandInConfig(
             img_size=args.resolution, patch_size=args.patch_size or max(1, args.resolution // 8),
@@ -679,6 +699,10 @@ def main(args):
                                                  len(class_names), device)) if not S else (
             lambda path: save_stage2_samples(eval_model, vae, val_set, images, path, args, device))
         picture_name = 'samples'
+    elif args.model == 'probe':
+        batch_sums = lambda batch: loss_sums(lambda: eval_model(
+            batch[0].to(device), batch[1].to(device)), batch, ctx)
+        picture, picture_name = None, 'probe'
     elif args.model == 'ssl':
         batch_sums = lambda batch: loss_sums(lambda: eval_model(
             batch[0].to(device), ssl_views_seed(batch, args.seed)), batch, ctx)
@@ -700,7 +724,7 @@ def main(args):
             save_checkpoint(ckpt_path, dict(
                 kind=args.model, config=config, model=raw.state_dict(),
                 vae=args.vae if vae is not None else None,
-                tokenizer=args.tokenizer if args.model in ('gpt', 'stage2') else None,
+                tokenizer=args.tokenizer if args.model in ('gpt', 'stage2', 'probe') else None,
                 ema=ema.state_dict() if ema is not None else None,
                 optimizer=optimizer.state_dict(), step=step, data_cursor=list(cursor),
                 skipped_files=skipped, args=vars(args), class_names=class_names,
@@ -736,8 +760,9 @@ def main(args):
                 with ctx:
                     if args.model == 'var':
                         loss, parts = var_loss(model, vae, batch, args, device)
-                    elif args.model == 'ssl':
-                        loss, parts = model(img)
+                    elif args.model in ('ssl', 'probe'):
+                        loss, parts = model(img) if args.model == 'ssl' else \
+                            model(img, batch[1].to(device))
                     elif args.model in ('gpt', 'stage2'):
                         loss, parts = gpt_loss(model, batch, args, device, S)
                     else:
@@ -788,7 +813,7 @@ def main(args):
         if step % args.eval_every == 0 or last:
             r = run_validation()
             log(f'eval {step} {format_stats(r)}')
-        if master and (step % args.sample_every == 0 or last):
+        if master and picture and (step % args.sample_every == 0 or last):
             picture(os.path.join(args.out_dir, f'{picture_name}_{step:06d}.png'))
         if step % args.save_every == 0 or last:
             checkpoint()
@@ -800,7 +825,13 @@ def main(args):
     if master:
         per_scale = lambda v: ', '.join(f'{pn}x{pn}: {c:.1f}%'
                                         for pn, c in zip(config['patch_nums'], v))
-        if args.model in ('gpt', 'stage2'):
+        if args.model == 'probe':
+            accs = [r[f'acc_{i}'] for i in range(len(raw.heads))]
+            best = max(range(len(accs)), key=accs.__getitem__)
+            print(f'\nlinear probe of {args.gpt}, held-out top-1 per layer (0 = embeddings) '
+                  f'after {step} steps:\n' + ' '.join(f'{i}: {a:.1f}%' for i, a in
+                                                      enumerate(accs)) + f'\nbest: layer {best}')
+        elif args.model in ('gpt', 'stage2'):
             print(f'\nheld-out cross-entropy {r["ce"]:.3f} (label-smoothed loss {r["loss"]:.3f}) '
                   f'after {step} steps; token accuracy {r["acc"]:.1f}%')
         elif args.model == 'ssl':
@@ -816,9 +847,10 @@ def main(args):
             accs = [r[f'acc_{k}'] for k in range(len(config['patch_nums']))]
             print(f'\nheld-out cross-entropy {r["loss"]:.3f} after {step} steps; token accuracy '
                   f'per scale: {per_scale(accs)}')
-        print(f'checkpoint {ckpt_path}\n{picture_name} '
-              f'{os.path.join(args.out_dir, f"{picture_name}_{step:06d}.png")}\nlog {log_path}'
-              + (f'\n{skipped} unreadable files were skipped' if skipped else ''))
+        last_picture = os.path.join(args.out_dir, f'{picture_name}_{step:06d}.png')
+        print(f'checkpoint {ckpt_path}\n' + (f'{picture_name} {last_picture}\n' if picture else '')
+              + f'log {log_path}' + (f'\n{skipped} unreadable files were skipped' if skipped
+                                     else ''))
     if dist.is_initialized():   # torchrun, one process included
         dist.destroy_process_group()
     return raw
