@@ -115,8 +115,9 @@ def bench_kmeans(n, d, k, n_iter, threads=2, rounds=3):
     row is the best round. s/iter = fit time / n_iter: ours and faiss run n_iter assignment
     passes, sklearn one more (its final E-step). % peak = 2 N K D flops per iteration over the
     fp32 GEMM peak, measured on the assignment's own GEMM (a block of rows times c.T into a
-    reused buffer), best of 20 calls, before and after the engines. Final inertia: computed
-    here, exactly, for every engine's returned centroids."""
+    reused buffer), best of 20 calls, before and after the engines. Also timed alone: our E-step
+    (one assignment pass over all N) and a bare torch.mm of the same work in the same blocks.
+    Final inertia: computed here, exactly, for every engine's returned centroids."""
     torch.set_num_threads(threads)
     x = make_gmm(n, d)                                                             # (N, D)
     c0 = x[torch.randperm(n, generator=torch.Generator().manual_seed(0))[:k]]     # (K, D)
@@ -165,6 +166,11 @@ def bench_kmeans(n, d, k, n_iter, threads=2, rounds=3):
         for name, fn in engines.items():
             results[name] = min(results.get(name, (float('inf'),)), run(fn))
     peak = max(peak, gemm_flops())
+    with kmeans.no_tf32():  # the E-step alone, and a bare torch.mm of the same work, same blocks
+        x_sq = kmeans._sq_norms(x)                                                 # (N,)
+        t_estep = timeit(lambda: km._assign(x, c0, x_sq), 1, 2 * rounds)
+        t_mm = timeit(lambda: [torch.mm(b, c0.T, out=out[:len(b)]) for b in x.split(rows)],
+                      1, 2 * rounds)
     kpp = kmeans.KMeans(k, n_iter=n_iter, tol=0, max_points_per_centroid=None)
     results['ours k-means++ (fit incl. init)'] = run(lambda: kpp.fit(x).centroids)
     if 'faiss-cpu (same init)' in results:
@@ -179,6 +185,10 @@ def bench_kmeans(n, d, k, n_iter, threads=2, rounds=3):
     for name, (t, inr) in results.items():
         print(f'{name:32s} {t:7.3f} {2 * n * k * d / t / peak * 100:6.1f}% {inr:14.6g}  '
               f'{t / t0:.2f}x  {inr / i0:.4f}')
+    flops = 2 * n * k * d
+    print(f'ours E-step alone (distances + argmin) {t_estep:.3f} s = {flops / t_estep / peak:.1%} '
+          f'of peak; a bare torch.mm of the same (N x D)(D x K) in the same blocks {t_mm:.3f} s '
+          f'= {flops / t_mm / peak:.1%} of peak')
     if 'faiss-cpu random init (default)' in results:
         ratio = (results['ours k-means++ (fit incl. init)'][1]
                  / results['faiss-cpu random init (default)'][1])

@@ -166,7 +166,7 @@ class KMeans:
 
     def block_rows(self, device):
         """Rows of an fp32 distance block (rows, K): chunk_size, else 4096 on CPU (as faiss; fewer
-        are slower at large K), 65536 on GPU, within 256 MiB (CPU) or 512 MiB (GPU) of distances."""
+        are slower at large K), 65536 on GPU, within 256 MiB (CPU) / 512 MiB (GPU) of distances."""
         cpu = torch.device(device).type == 'cpu'
         rows = ((256 if cpu else 512) << 20) // (4 * self.n_clusters)
         return self.chunk_size or int(max(min(rows, 4096 if cpu else 65536), 256))

@@ -242,8 +242,8 @@ class MultiScaleQuantizer(nn.Module):
         self.vocab_size = cfg.vocab_size
         K = len(self.patch_nums)
         n = cfg.share_quant_resi or K
-        phis = [Phi(cfg.z_channels, cfg.quant_resi) if abs(cfg.quant_resi) > 1e-6 else nn.Identity()
-                for _ in range(n)]
+        phis = [Phi(cfg.z_channels, cfg.quant_resi) if abs(cfg.quant_resi) > 1e-6
+                else nn.Identity() for _ in range(n)]
         self.quant_resi = PhiPartiallyShared(phis)
         self.phi_index = [self.quant_resi.index(k, K) for k in range(K)]
         # EMA of how often each code is picked at each scale (the official buffer name):
@@ -453,7 +453,8 @@ class VQVAE(nn.Module):
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as e:
-            raise RuntimeError(f'{path} does not fit VQVAE({asdict(model.config)}):\n{e}') from None
+            msg = f'{path} does not fit VQVAE({asdict(model.config)}):\n{e}'
+            raise RuntimeError(msg) from None
         return model
 
 
