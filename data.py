@@ -58,7 +58,7 @@ def _class_folders(root):
     return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith('.'))
 
 
-def _list_images(folder):
+def list_images(folder):
     """(sorted image paths under folder, recursively; other files: wrong extension or 0 bytes)."""
     good, skipped = [], []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
@@ -89,11 +89,11 @@ class ImageFolder(torch.utils.data.Dataset):
             # loose files next to the class folders have no label: skip them
             skipped = [e.path for e in os.scandir(root) if e.is_file() and e.name[0] != '.']
             for label, name in enumerate(classes):
-                good, bad = _list_images(os.path.join(root, name))
+                good, bad = list_images(os.path.join(root, name))
                 self.samples += [(path, label) for path in good]
                 skipped += bad
         else:
-            good, skipped = _list_images(root)
+            good, skipped = list_images(root)
             self.samples = [(path, 0) for path in good]
         self.num_skipped_at_scan = len(skipped)
         if skipped:

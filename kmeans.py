@@ -38,18 +38,24 @@ import torch.nn.functional as F
 
 @contextmanager
 def no_tf32():
-    """Exact fp32 matmuls inside the block (training scripts often switch TF32 on globally)."""
-    m = torch.backends.cuda.matmul
+    """Exact fp32 matmuls and cuDNN convolutions inside the block (training scripts often switch
+    TF32 on globally, and cuDNN uses it for convolutions by default)."""
+    saved = []  # (object, attribute, old value)
     try:
-        attr, old = 'allow_tf32', m.allow_tf32
-        m.allow_tf32 = False
-    except RuntimeError:  # the caller uses the new fp32_precision API; torch forbids mixing them
-        attr, old = 'fp32_precision', m.fp32_precision
-        m.fp32_precision = 'ieee'
-    try:
+        for legacy, modern in ((torch.backends.cuda.matmul, torch.backends.cuda.matmul),
+                               (torch.backends.cudnn, torch.backends.cudnn.conv)):
+            try:
+                old = legacy.allow_tf32
+                legacy.allow_tf32 = False
+                saved.append((legacy, 'allow_tf32', old))
+            except RuntimeError:  # the caller uses the fp32_precision API; torch forbids mixing
+                old = modern.fp32_precision
+                modern.fp32_precision = 'ieee'
+                saved.append((modern, 'fp32_precision', old))
         yield
     finally:
-        setattr(m, attr, old)
+        for obj, attr, old in reversed(saved):
+            setattr(obj, attr, old)
 
 
 def sq_dists(x, c, c_sq=None):
@@ -103,7 +109,7 @@ def _world():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def _all_gather_cat(t):
+def all_gather_rows(t):
     """Concatenate the tensors (n_r, ...) of all ranks along dim 0 in rank order (n_r may vary)."""
     rank, world = _world()
     if world == 1:
@@ -195,7 +201,7 @@ class KMeans:
         offset = rank << 40  # iterators: each rank numbers its rows in its own range
         if torch.is_tensor(data) and world > 1:  # tensors: true global row indices
             n = torch.tensor([data.shape[0]], device=data.device)
-            offset = int(_all_gather_cat(n)[:rank].sum())
+            offset = int(all_gather_rows(n)[:rank].sum())
         keep, kept, n_seen, tau, dim = [], 0, 0, None, None
         for chunk in chunks:
             chunk = self._prepare(chunk, dim)
@@ -215,7 +221,7 @@ class KMeans:
         keep, _ = self._smallest(keep, m if m is not None else kept)
         x, key = keep[0]
         if world > 1 and m is not None:  # global m-th smallest key, as if on one process
-            all_keys = _all_gather_cat(key)                                    # (sum n_r,)
+            all_keys = all_gather_rows(key)                                    # (sum n_r,)
             tau = all_keys.kthvalue(min(m, len(all_keys))).values
             x, key = x[key <= tau], key[key <= tau]
         if m is not None:  # topk shuffled the rows: back to data order (low key bits = index)
@@ -253,7 +259,7 @@ class KMeans:
             # the init sample: the S smallest keys over all ranks, so every rank gets the same
             S = min(K * self.init_sample_per_centroid, n_total)
             idx = torch.topk(key, min(S, len(key)), largest=False).indices     # (s,) sorted
-            cand_x, cand_key = _all_gather_cat(x[idx]), _all_gather_cat(key[idx])
+            cand_x, cand_key = all_gather_rows(x[idx]), all_gather_rows(key[idx])
             sample = cand_x[torch.argsort(cand_key, stable=True)[:S]]          # (S, D)
             gen = torch.Generator().manual_seed(self.seed)
             if init_centroids is not None:
