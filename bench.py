@@ -5,6 +5,7 @@ Nothing here is a test: numbers depend on the machine.
     python bench.py                 # tiny VAR on CPU (and VAR-d16 when a GPU is there)
     python bench.py --depth 16      # a chosen depth
     python bench.py --kmeans        # K-Means: ours vs faiss-cpu and scikit-learn (if installed)
+    python bench.py --fid           # FID Inception features/s (random weights: same speed)
 
 VAR training: images/s of one optimizer step (teacher forcing, backward, AdamW) from the token
 cache of train.py vs the official trainer's way, which runs the frozen VQVAE on every batch;
@@ -12,6 +13,9 @@ on a GPU also bf16 vs fp32, the model FLOP utilisation (6 * parameters * tokens 
 bf16 dense peak) and peak memory.
 VAR sampling: images/s of `generate` with the kv cache vs recomputing the whole prefix at every
 scale (what a model without a cache does), same tokens.
+FID features: images/s of fid.py's whole path (uint8 256 px -> ADM preprocessing -> pool and
+spatial features, fp32, TF32 off) vs the network alone on ready inputs; on a GPU also vs the
+same network with TF32 convolutions (what a default pytorch-fid run gets on Ampere and later).
 """
 import argparse
 import time
@@ -20,6 +24,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
+import fid
 import kmeans
 import var
 import vqvae
@@ -195,7 +200,32 @@ def bench_kmeans(n, d, k, n_iter, threads=2, rounds=3):
         print(f'defaults: ours k-means++ / faiss random init final inertia {ratio:.4f}')
 
 
+@torch.no_grad()
+def bench_fid(device, batch):
+    """Inception features per second; random weights (the speed does not depend on them)."""
+    model = fid.FIDInception().to(device).eval()
+    u8 = torch.randint(0, 256, (batch, 256, 256, 3), dtype=torch.uint8).numpy()  # ADM's format
+    x = fid.preprocess(u8, 'adm', device)                                   # (B, 3, 299, 299)
+    with kmeans.no_tf32():
+        t_full = timeit(lambda: model(fid.preprocess(u8, 'adm', device), spatial=True),
+                        device=device)
+        t_net = timeit(lambda: model(x), device=device)
+    line = (f'FID Inception ({device}, batch {batch}): {batch / t_full:8.1f} img/s uint8 256 px '
+            f'-> adm preprocessing -> features, fp32  vs network alone {batch / t_net:8.1f} '
+            f'img/s  ratio {t_full / t_net:.2f}x')
+    if device == 'cuda':
+        old = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = True
+        t_tf32 = timeit(lambda: model(x), device=device)
+        torch.backends.cudnn.allow_tf32 = old
+        line += f'  TF32 convolutions (not used) {batch / t_tf32:.1f} img/s'
+    print(line)
+
+
 def main(args):
+    if args.fid:
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+        return bench_fid(device, args.batch or (200 if device == 'cuda' else 16))
     if args.kmeans:
         return bench_kmeans(args.kmeans_n, args.kmeans_d, args.kmeans_k, args.kmeans_iter,
                             rounds=args.kmeans_rounds)
@@ -244,6 +274,7 @@ if __name__ == '__main__':
     p.add_argument('--batch', type=int, default=0, help='training batch (default 32 / 16)')
     p.add_argument('--gen_batch', type=int, default=16, help='images per generate call')
     p.add_argument('--kmeans', action='store_true', help='the K-Means benchmark instead of VAR')
+    p.add_argument('--fid', action='store_true', help='the FID Inception benchmark instead')
     p.add_argument('--kmeans_n', type=int, default=200_000, help='K-Means points')
     p.add_argument('--kmeans_d', type=int, default=384, help='K-Means feature dimension')
     p.add_argument('--kmeans_k', type=int, default=1024, help='K-Means centroids')
