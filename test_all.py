@@ -1992,7 +1992,17 @@ def test_fid_precision_recall_toy_cases():
         fid.precision_recall(ref[:3], samples)
 
 
-def test_fid_cli_npz_folder_stats_and_errors(inception, tmp_path):
+def test_fid_center_crop_is_adm_imagenet_crop():
+    """Halve (BOX) while the short side >= 2 size, bicubic to short side = size, centre crop."""
+    img = Image.new('RGB', (1100, 700), (200, 30, 90))
+    img.paste((0, 0, 255), (0, 0, 100, 700))                 # a left band, cropped away
+    out = fid.center_crop(img, 256)                          # 1100x700 -> 550x350 -> 402x256
+    assert out.shape == (256, 256, 3) and out.dtype == np.uint8
+    assert (out == (200, 30, 90)).all()
+    assert fid.center_crop(Image.new('RGB', (300, 256)), 256).shape == (256, 256, 3)
+
+
+def test_fid_cli_npz_folder_stats_and_errors(inception, tmp_path, capsys):
     """The same images as an .npz and as a folder (plus one corrupt file, skipped and counted)
     give FID ~0 and P = R = 1; saved statistics reproduce the FID; mismatches are errors."""
     _, weights = inception
@@ -2014,6 +2024,7 @@ def test_fid_cli_npz_folder_stats_and_errors(inception, tmp_path):
         assert abs(res['FID']) < 1e-4 * np.trace(s['sigma'])
         assert abs(res['sFID']) < 1e-4 * np.trace(s['sigma_s'])
         assert res['precision'] == 1.0 and res['recall'] == 1.0 and res['IS'] > 1.0
+        assert '6 images (1 unreadable skipped)' in capsys.readouterr().out
         other = u8_images(6, 40, 40, seed=2)
         np.savez(tmp_path / 'other.npz', arr_0=other)
         res2 = fid.main([str(tmp_path / 'other.npz'), str(tmp_path / 'stats.npz'), *base])
