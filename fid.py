@@ -264,11 +264,12 @@ def preprocess(images, mode, device='cpu'):
                          f'{tuple(u8.shape)}')
     x = u8.permute(0, 3, 1, 2).float()                                      # (B, 3, H, W)
     if mode == 'adm':
-        return (resize_tf1_bilinear(x) - 128) / 128
-    if mode == 'pytorch_fid':
-        x = F.interpolate(x / 255, size=(299, 299), mode='bilinear', align_corners=False)
-        return 2 * x - 1
-    raise ValueError(f'fid: unknown mode {mode!r}, choose from {list(MODES)}')
+        x = (resize_tf1_bilinear(x) - 128) / 128
+    elif mode == 'pytorch_fid':
+        x = 2 * F.interpolate(x / 255, size=(299, 299), mode='bilinear', align_corners=False) - 1
+    else:
+        raise ValueError(f'fid: unknown mode {mode!r}, choose from {list(MODES)}')
+    return x.contiguous()  # NCHW memory: channels-last input picks other conv kernels (1e-4)
 
 
 def center_crop(img, size):

@@ -1916,6 +1916,7 @@ def test_fid_tf1_resize_hand_cases_and_modes():
     assert torch.equal(fid.preprocess(u8, 'adm'), (fid.resize_tf1_bilinear(x) - 128) / 128)
     ref = F.interpolate(x / 255, size=(299, 299), mode='bilinear', align_corners=False) * 2 - 1
     assert torch.equal(fid.preprocess(u8, 'pytorch_fid'), ref)
+    assert fid.preprocess(u8, 'adm').is_contiguous()   # NCHW memory, the kernels pytorch-fid gets
     with pytest.raises(ValueError, match='uint8'):
         fid.preprocess(u8.astype(np.float32), 'adm')
     with pytest.raises(ValueError, match='unknown mode'):
