@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import fid
+import inception
 import kmeans
 import var
 import vqvae
@@ -203,7 +204,7 @@ def bench_kmeans(n, d, k, n_iter, threads=2, rounds=3):
 @torch.no_grad()
 def bench_fid(device, batch):
     """Inception features per second; random weights (the speed does not depend on them)."""
-    model = fid.FIDInception().to(device).eval()
+    model = inception.FIDInception().to(device).eval()
     u8 = torch.randint(0, 256, (batch, 256, 256, 3), dtype=torch.uint8).numpy()  # ADM's format
     x = fid.preprocess(u8, 'adm', device)                                   # (B, 3, 299, 299)
     with kmeans.no_tf32():

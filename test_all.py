@@ -21,6 +21,7 @@ from PIL import Image
 
 import data
 import fid
+import inception
 import gpt
 import kmeans
 import sample
@@ -1784,12 +1785,12 @@ def test_train_var_ddp_gathers_the_token_cache_and_ranks_agree(tmp_path):
 
 
 @pytest.fixture(scope='module')
-def inception(tmp_path_factory):
+def fid_net(tmp_path_factory):
     """A FIDInception with random weights whose BatchNorm statistics are calibrated on random
     images (one train-mode pass), so activations are O(1) as with the real weights; and its
     state dict saved as a checkpoint file."""
     torch.manual_seed(0)
-    model = fid.FIDInception()
+    model = inception.FIDInception()
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.momentum = None  # cumulative average over the calibration pass
@@ -1812,7 +1813,7 @@ def u8_images(n, h, w, seed=0):
 def test_fid_inception_keys_match_official():
     """Every key and shape of pt_inception-2015-12-05 (472 float tensors, 23,885,392 values)."""
     with torch.device('meta'):
-        m = fid.FIDInception()
+        m = inception.FIDInception()
     ours = {k: tuple(v.shape) for k, v in m.state_dict().items()}
     path = os.path.join(REFERENCE, 'fid_inception_keys.txt')
     if os.path.exists(path):   # the full list, when shared/ is beside the repo
@@ -1824,18 +1825,18 @@ def test_fid_inception_keys_match_official():
     assert len(floats) == 472 and sum(v.numel() for v in floats) == 23_885_392
 
 
-def test_fid_load_inception_uses_every_tensor_and_names_what_is_wrong(inception, tmp_path,
+def test_fid_load_inception_uses_every_tensor_and_names_what_is_wrong(fid_net, tmp_path,
                                                                       monkeypatch):
-    model, path = inception
+    model, path = fid_net
     state = {k: v for k, v in model.state_dict().items() if 'num_batches' not in k}
     torch.save(state, tmp_path / 'no_nbt.pth')   # the released file may lack num_batches_tracked
-    loaded = fid.load_inception(str(tmp_path / 'no_nbt.pth'))
+    loaded = inception.load_inception(str(tmp_path / 'no_nbt.pth'))
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
     for k, v in loaded.state_dict().items():
         if k in state:
             assert torch.equal(v, state[k]), k
     monkeypatch.setenv('FID_INCEPTION_WEIGHTS', path)   # found through the environment
-    assert torch.equal(fid.load_inception().fc.weight, model.fc.weight)
+    assert torch.equal(inception.load_inception().fc.weight, model.fc.weight)
     bad = dict(state)
     del bad['Mixed_7c.branch_pool.bn.running_var']
     bad['fc.weight'] = torch.zeros(1000, 2048)
@@ -1843,13 +1844,13 @@ def test_fid_load_inception_uses_every_tensor_and_names_what_is_wrong(inception,
     torch.save(bad, tmp_path / 'bad.pth')
     with pytest.raises(RuntimeError, match=r'1 missing keys \[.Mixed_7c.branch_pool.bn.running_var'
                        r".*extra.weight.*fc.weight \(1000, 2048\) != \(1008, 2048\)"):
-        fid.load_inception(str(tmp_path / 'bad.pth'))
+        inception.load_inception(str(tmp_path / 'bad.pth'))
     monkeypatch.delenv('FID_INCEPTION_WEIGHTS')
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'empty_hub'))
     with pytest.raises(FileNotFoundError, match='--weights.*--download'):
-        fid.load_inception()
+        inception.load_inception()
     with pytest.raises(FileNotFoundError, match='nowhere.pth'):
-        fid.load_inception(str(tmp_path / 'nowhere.pth'))
+        inception.load_inception(str(tmp_path / 'nowhere.pth'))
 
 
 def _selector(conv, channel):
@@ -1865,19 +1866,19 @@ def test_fid_pooling_quirks_of_the_tf_graph():
     """3x3 average pools do not count padding (corner = mean of 4, edge = mean of 6); Mixed_7c's
     pool branch is a 3x3 max pool (stride 1, padded), Mixed_7b's an average pool."""
     x = torch.arange(16.).view(1, 1, 4, 4) + 1
-    a = fid.avg_pool(x)[0, 0]
+    a = inception.avg_pool(x)[0, 0]
     assert a[0, 0] == (1 + 2 + 5 + 6) / 4 and a[0, 1] == (1 + 2 + 3 + 5 + 6 + 7) / 6
     assert a[1, 1] == x[0, 0, :3, :3].mean()
     x = torch.rand(1, 8, 5, 5)
-    for max_pool, pool in ((True, F.max_pool2d(x, 3, 1, 1)), (False, fid.avg_pool(x))):
-        block = fid.InceptionE(8, max_pool=max_pool).eval()
+    for max_pool, pool in ((True, F.max_pool2d(x, 3, 1, 1)), (False, inception.avg_pool(x))):
+        block = inception.InceptionE(8, max_pool=max_pool).eval()
         _selector(block.branch_pool, 3)
         out = block(x)[:, -192:]                        # the pool branch is concatenated last
         torch.testing.assert_close(out, pool[:, 3:4].expand(-1, 192, -1, -1))
 
 
-def test_fid_features_batch_independent_and_spatial_is_mixed_6d_nhwc(inception):
-    model, _ = inception
+def test_fid_features_batch_independent_and_spatial_is_mixed_6d_nhwc(fid_net):
+    model, _ = fid_net
     x = fid.preprocess(u8_images(3, 64, 48), 'adm')                          # (3, 3, 299, 299)
     taps = []
     hook = model.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: taps.append(o))
@@ -2003,10 +2004,10 @@ def test_fid_center_crop_is_adm_imagenet_crop():
     assert fid.center_crop(Image.new('RGB', (300, 256)), 256).shape == (256, 256, 3)
 
 
-def test_fid_cli_npz_folder_stats_and_errors(inception, tmp_path, capsys):
+def test_fid_cli_npz_folder_stats_and_errors(fid_net, tmp_path, capsys):
     """The same images as an .npz and as a folder (plus one corrupt file, skipped and counted)
     give FID ~0 and P = R = 1; saved statistics reproduce the FID; mismatches are errors."""
-    _, weights = inception
+    _, weights = fid_net
     imgs = u8_images(6, 40, 40, seed=1)
     np.savez(tmp_path / 'samples.npz', arr_0=imgs, labels=np.arange(6))
     folder = tmp_path / 'folder'
@@ -2044,10 +2045,10 @@ def test_fid_cli_npz_folder_stats_and_errors(inception, tmp_path, capsys):
         fid.main([str(tmp_path / 'nothing.npz'), *base])
 
 
-def test_fid_two_ranks_equal_one_process(inception, tmp_path):
+def test_fid_two_ranks_equal_one_process(fid_net, tmp_path):
     """torchrun, 2 gloo ranks each reading half of an .npz (7 images, uneven): the statistics
     and the IS (order-dependent splits) equal those of one process."""
-    _, weights = inception
+    _, weights = fid_net
     np.savez(tmp_path / 'samples.npz', arr_0=u8_images(7, 32, 32, seed=3))
     argv = [str(tmp_path / 'samples.npz'), '--weights', weights, '--batch_size', '2',
             '--split_size', '3', '--device', 'cpu']
