@@ -25,6 +25,9 @@ import warnings
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
+
+import dist
 
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm',
                   '.pgm')
@@ -312,7 +315,66 @@ def endless_batches(dataset, batch_size, num_workers, rank, world, seed, epoch=0
 
 
 # -----------------------------------------------------------------------------
+# the data as the tokens of a frozen tokenizer
+
+class TokenDataset(torch.utils.data.Dataset):
+    """Cached token sequences (N, L) with labels, served like images: (tokens, label, 0)."""
+
+    def __init__(self, tokens, labels):
+        self.tokens, self.labels = tokens, labels
+
+    def __len__(self):
+        return len(self.tokens)
+
+    def __getitem__(self, i):
+        return self.tokens[i].long(), self.labels[i], 0
+
+
+def tokenizer_key(config, tensors):
+    """What a token cache depends on: the tokenizer's config and a checksum of its weights."""
+    return dict(config=config, weights=sum(t.double().sum().item() for t in tensors))
+
+
+@torch.no_grad()
+def tokenize(encode, key, dataset, path, args, device, limit=None):
+    """Tokenize a dataset once with a frozen tokenizer, encode(img (B, 3, H, W)) -> ids (B, L)
+    (eval crops, so no augmentation), each rank a slice, gathered on every rank and cached in
+    `path` under `key` (+ the data, its size and resolution): a TokenDataset of (N, L) ids."""
+    rank, world = dist.rank_world()
+    n = min(len(dataset), limit or len(dataset))
+    key = dict(key, n=n, data=args.data, resolution=args.resolution)
+    if os.path.exists(path):   # reused only if made by the same tokenizer from the same data
+        cache = torch.load(path, map_location='cpu', weights_only=True)
+        if cache.get('key') == key:
+            return TokenDataset(cache['tokens'], cache['labels'])
+    mine = range(rank, n, world)                       # this rank: items rank, rank + world, ...
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine), args.batch_size,
+                                         num_workers=args.num_workers)
+    tokens, labels = [], []
+    for img, label, _ in tqdm(loader, desc=f'tokenizing {n} images', disable=rank != 0):
+        tokens.append(encode(img.to(device)).cpu())                                 # (B, L)
+        labels.append(label)
+    tokens, labels = torch.cat(tokens), torch.cat(labels)
+    if world > 1:   # every rank's items, in rank order, each put back at its index
+        order = torch.cat([torch.arange(r, n, world) for r in range(world)])          # (n,)
+        gathered = [dist.all_gather_rows(t.to(device)).cpu() for t in (tokens, labels)]
+        tokens, labels = [torch.empty_like(g).index_copy_(0, order, g) for g in gathered]
+    dtype = torch.int16 if tokens.max() <= 32767 else torch.int32
+    if rank == 0:
+        save_atomic(dict(tokens=tokens.to(dtype), labels=labels, key=key), path)
+    return TokenDataset(tokens.to(dtype), labels)
+
+
+# -----------------------------------------------------------------------------
 # saving
+
+def save_atomic(obj, path):
+    """torch.save through a temporary file and a rename: a crash while writing leaves the
+    previous file intact."""
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    torch.save(obj, path + '.tmp')
+    os.replace(path + '.tmp', path)
+
 
 def to_uint8(images):
     """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8 numpy, rounding: inverse of x/255*2-1."""

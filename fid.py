@@ -31,14 +31,15 @@ import zipfile
 
 import numpy as np
 import torch
-import torch.distributed as dist
+import torch.distributed
 import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+import dist
 from data import list_images, load_rgb
 from inception import WEIGHTS_NAME, load_inception
-from kmeans import all_gather_rows, no_tf32, sq_dists
+from kmeans import no_tf32, sq_dists
 
 MODES = {'adm': 'TF1 bilinear resize to 299, (x - 128) / 128 (ADM evaluator)',
          'pytorch_fid': 'x / 255, bilinear resize to 299, 2x - 1 (pytorch-fid)'}
@@ -169,7 +170,7 @@ class Moments:
     def all_reduce(self):
         n = torch.tensor([self.n], dtype=torch.float64, device=self.sum.device)
         for t in (n, self.sum, self.outer):
-            dist.all_reduce(t)
+            torch.distributed.all_reduce(t)
         self.n = int(n.item())
 
     def mean_cov(self):
@@ -185,11 +186,11 @@ def extract(model, batches, mode, device, total=None, desc='features'):
     and gets the result of all. -> dict: n, n_bad, mu, sigma (2048-d), mu_s, sigma_s (2023-d),
     pool (N, 2048) and logits (N, 1008) float32 numpy, in rank order."""
     model.eval()
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank, world = dist.rank_world()
     stat_device = 'cpu' if torch.device(device).type == 'mps' else device  # MPS has no float64
     pool_m, spatial_m = Moments(2048, stat_device), Moments(2023, stat_device)
     pools, logits, n_bad = [], [], 0
-    show = not dist.is_initialized() or dist.get_rank() == 0
+    show = rank == 0
     with no_tf32(), tqdm(total=total, desc=desc, unit='img', disable=not show) as bar:
         for batch in batches:
             if isinstance(batch, list):
@@ -206,9 +207,9 @@ def extract(model, batches, mode, device, total=None, desc='features'):
     pool = torch.cat(pools) if pools else torch.zeros(0, 2048, device=device)    # (n, 2048)
     logit = torch.cat(logits) if logits else torch.zeros(0, 1008, device=device)  # (n, 1008)
     if world > 1:
-        pool, logit = all_gather_rows(pool), all_gather_rows(logit)
+        pool, logit = dist.all_gather_rows(pool), dist.all_gather_rows(logit)
         bad = torch.tensor([n_bad], device=device)
-        dist.all_reduce(bad)
+        torch.distributed.all_reduce(bad)
         n_bad = int(bad.item())
         pool_m.all_reduce()
         spatial_m.all_reduce()
@@ -286,7 +287,7 @@ def read_input(path, model, args, images=True):
     ADM's reference batches hold both) or an image folder. Statistics are taken as stored; images
     are run through the network (if `images`) for P/R and IS, and for statistics when none are
     stored. -> dict with some of n, mu, sigma, mu_s, sigma_s, pool, logits, n_bad, and `what`."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = dist.rank_world()
     shard = lambda n: (n * rank // world, n * (rank + 1) // world)  # noqa: E731 contiguous
     if os.path.isdir(path):
         paths = list_images(path)[0]
@@ -349,15 +350,8 @@ def main(argv=None):
     p.add_argument('--save_stats', default='', help='write the samples\' statistics here')
     p.add_argument('--device', default='', help="'' = cuda, else mps, else cpu")
     args = p.parse_args(argv)
-    if not args.device:
-        args.device = ('cuda' if torch.cuda.is_available() else
-                       'mps' if torch.backends.mps.is_available() else 'cpu')
-    if 'RANK' in os.environ:  # torchrun: each rank reads a contiguous share of the images
-        dist.init_process_group('nccl' if args.device == 'cuda' else 'gloo')
-        if args.device == 'cuda':
-            args.device = f'cuda:{int(os.environ["LOCAL_RANK"])}'
-            torch.cuda.set_device(args.device)
-    main_rank = not dist.is_initialized() or dist.get_rank() == 0
+    args.device, rank, _ = dist.setup(args.device)  # torchrun: a contiguous share per rank
+    main_rank = rank == 0
     model = load_inception(args.weights, args.device, args.download)
     samples = read_input(args.samples, model, args)
     results = {}
@@ -383,8 +377,7 @@ def main(argv=None):
         if args.save_stats:
             save_stats(args.save_stats, samples, args.mode)
             print(f'wrote statistics of {samples["n"]} images to {args.save_stats}')
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    dist.cleanup()
     return results
 
 

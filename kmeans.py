@@ -18,7 +18,7 @@ an additive random perturbation (faiss: multiplicative c (1 +- 1/1024) on a rand
 optional relative-tolerance stop. As in faiss, n_iter iterations are n_iter assignment passes and
 `inertia_` is that of the last one (the centroids before the last update). Distances are fp32
 with TF32 off: bf16 distances assign about 10% of points wrongly. The data is not centred.
-Letters: N points, D features, K centroids.
+Letters: N points, D features, K centroids. Subsampling (as faiss) follows the KMeans class.
 
 Under torch.distributed every rank passes its own shard to `fit`; per-cluster sums and counts
 are all-reduced, so every rank holds identical centroids. Test: `python -m pytest test_all.py -k
@@ -26,38 +26,18 @@ kmeans`. Fit a .npy of features: `python kmeans.py feats_*.npy --k 8192 --out km
 """
 import argparse
 import math
-import os
 import time
 from contextlib import contextmanager
 
 import numpy as np
 import torch
-import torch.distributed as dist
+import torch.distributed
 import torch.nn.functional as F
 
-
-@contextmanager
-def no_tf32():
-    """Exact fp32 matmuls and cuDNN convolutions inside the block (training scripts often switch
-    TF32 on globally, and cuDNN uses it for convolutions by default)."""
-    saved = []  # (object, attribute, old value)
-    try:
-        for legacy, modern in ((torch.backends.cuda.matmul, torch.backends.cuda.matmul),
-                               (torch.backends.cudnn, torch.backends.cudnn.conv)):
-            try:
-                old = legacy.allow_tf32
-                legacy.allow_tf32 = False
-                saved.append((legacy, 'allow_tf32', old))
-            except RuntimeError:  # the caller uses the fp32_precision API; torch forbids mixing
-                old = modern.fp32_precision
-                modern.fp32_precision = 'ieee'
-                saved.append((modern, 'fp32_precision', old))
-        yield
-    finally:
-        for obj, attr, old in reversed(saved):
-            setattr(obj, attr, old)
+import dist
 
 
+# ---- distances: the E-step --------------------------------------------------------------------
 def sq_dists(x, c, c_sq=None):
     """||x_i - c_k||^2 = ||x_i||^2 - 2 x_i.c_k + ||c_k||^2, fp32, clamped >= 0. x (n, D), c (K, D)
     -> (n, K). Never call this on the whole data set: it allocates n x K."""
@@ -93,37 +73,7 @@ def _sq_norms(x):
     return torch.cat([(b * b).sum(1) for b in x.split(4096)])
 
 
-def _row_keys(idx, seed):
-    """A pseudo-random, unique int64 key per global row index (a hash, so that the kept sample
-    depends neither on chunking nor on sharding). idx (n,) int64 -> (n,) int64."""
-    h = (idx >> 31) * 40503 + seed % 65521 + 1                                 # (n,)
-    for part in (idx & 0x7FFFFFFF, h):  # mix the low and high 31 bits into h
-        h = (h ^ part) & 0x7FFFFFFF
-        for _ in range(3):
-            h = (h * 1103515245 + 12345) & 0x7FFFFFFF
-            h = h ^ (h >> 13)
-    return (h << 31) | (idx & 0x7FFFFFFF)   # low bits = index, so keys are unique per row
-
-
-def _world():
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def all_gather_rows(t):
-    """Concatenate the tensors (n_r, ...) of all ranks along dim 0 in rank order (n_r may vary)."""
-    rank, world = _world()
-    if world == 1:
-        return t
-    n = torch.tensor([t.shape[0]], device=t.device)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    sizes = [int(s) for s in sizes]
-    pad = t.new_zeros((max(sizes) - t.shape[0], *t.shape[1:]))
-    out = [t.new_empty((max(sizes), *t.shape[1:])) for _ in range(world)]
-    dist.all_gather(out, torch.cat([t, pad]))
-    return torch.cat([o[:s] for o, s in zip(out, sizes)])
-
-
+# ---- init: greedy k-means++ -------------------------------------------------------------------
 def kmeans_pp(x, k, n_trials, gen):
     """Greedy k-means++ (sklearn's variant): each step draws n_trials candidates with probability
     D(x)^2 / sum D^2 and keeps the one that lowers the potential sum_x D(x)^2 most, where D(x) is
@@ -170,74 +120,6 @@ class KMeans:
         self.inertia_history = []  # [i] = inertia of the centroids after i updates
         self.n_empty_history = []  # empty clusters found at each update
 
-    def block_rows(self, device):
-        """Rows of an fp32 distance block (rows, K): chunk_size, else 4096 on CPU (as faiss; fewer
-        are slower at large K), 65536 on GPU, within 256 MiB (CPU) / 512 MiB (GPU) of distances."""
-        cpu = torch.device(device).type == 'cpu'
-        rows = ((256 if cpu else 512) << 20) // (4 * self.n_clusters)
-        return self.chunk_size or int(max(min(rows, 4096 if cpu else 65536), 256))
-
-    # ---- data ---------------------------------------------------------------------------------
-    def _prepare(self, x, dim=None):
-        """Check a chunk (n, D) and return it as fp32 on self.device (unit rows if spherical)."""
-        if not torch.is_tensor(x):
-            x = torch.as_tensor(np.asarray(x))
-        if x.ndim != 2 or not x.is_floating_point():
-            raise ValueError(f'kmeans: features must be a 2-d float (N, D) array, got '
-                             f'shape {tuple(x.shape)} dtype {x.dtype}')
-        if dim is not None and x.shape[1] != dim:
-            raise ValueError(f'kmeans: feature dimension {x.shape[1]} != expected {dim}')
-        x = x.to(self.device or x.device, torch.float32)
-        if x.numel() and not torch.isfinite(torch.stack(torch.aminmax(x))).all():  # NaN, inf
-            raise ValueError('kmeans: features contain NaN or inf')
-        return F.normalize(x, dim=1) if self.spherical else x
-
-    def _collect(self, data, m):
-        """Stream chunks and keep the m rows with the smallest hash keys of their global index
-        (a uniform random subset, identical for any chunking and any sharding of tensors; an
-        iterator's rows are numbered per rank). Returns rows (n, D) in data order, their keys."""
-        rank, world = _world()
-        chunks = [data] if torch.is_tensor(data) else data
-        offset = rank << 40  # iterators: each rank numbers its rows in its own range
-        if torch.is_tensor(data) and world > 1:  # tensors: true global row indices
-            n = torch.tensor([data.shape[0]], device=data.device)
-            offset = int(all_gather_rows(n)[:rank].sum())
-        keep, kept, n_seen, tau, dim = [], 0, 0, None, None
-        for chunk in chunks:
-            chunk = self._prepare(chunk, dim)
-            dim = chunk.shape[1]
-            key = _row_keys(torch.arange(n_seen, n_seen + len(chunk)) + offset, self.seed)
-            key = key.to(chunk.device)                                         # (n_i,)
-            n_seen += len(chunk)
-            if tau is not None:  # only rows that can still make it into the smallest m
-                chunk, key = chunk[key <= tau], key[key <= tau]
-            keep.append((chunk, key))
-            kept += len(chunk)
-            if m is not None and kept > 2 * m:  # compact to the m smallest keys
-                keep, tau = self._smallest(keep, m)
-                kept = m
-        if dim is None:
-            raise ValueError('kmeans: no data')
-        keep, _ = self._smallest(keep, m if m is not None else kept)
-        x, key = keep[0]
-        if world > 1 and m is not None:  # global m-th smallest key, as if on one process
-            all_keys = all_gather_rows(key)                                    # (sum n_r,)
-            tau = all_keys.kthvalue(min(m, len(all_keys))).values
-            x, key = x[key <= tau], key[key <= tau]
-        if m is not None:  # topk shuffled the rows: back to data order (low key bits = index)
-            order = torch.argsort(key & 0x7FFFFFFF)                            # (n,)
-            x, key = x[order], key[order]
-        return x, key, n_seen
-
-    @staticmethod
-    def _smallest(keep, m):
-        x, key = keep[0] if len(keep) == 1 else [torch.cat(t) for t in zip(*keep)]  # (n, D), (n,)
-        if len(key) > m:
-            idx = torch.topk(key, m, largest=False).indices                    # (m,)
-            x, key = x[idx], key[idx]
-        tau = key.max() if len(key) else None
-        return [(x, key)], tau
-
     # ---- fit ----------------------------------------------------------------------------------
     def fit(self, data, init_centroids=None):
         """data: a tensor or array (N, D), or an iterable of (n_i, D) chunks (e.g. memory-mapped
@@ -246,31 +128,22 @@ class KMeans:
         init (the same on every rank). Returns self, with centroids (K, D) and inertia_."""
         if isinstance(data, np.ndarray):
             data = torch.from_numpy(data)
-        K, (rank, world) = self.n_clusters, _world()
+        K, (rank, world) = self.n_clusters, dist.rank_world()
         mppc = self.max_points_per_centroid
         with no_tf32():
-            x, key, n_seen = self._collect(data, K * mppc if mppc else None)  # (n, D), (n,)
+            # all rows, or a uniform random K * mppc of them (see "subsampling" below the class)
+            x, key, n_seen = _collect(data, K * mppc if mppc else None, self.seed,
+                                      self._prepare)                           # (n, D), (n,)
             n = torch.tensor([len(x), n_seen], device=x.device)
             if world > 1:
-                dist.all_reduce(n)
+                torch.distributed.all_reduce(n)
             n_total = int(n[0])
             if n_total < K:
                 raise ValueError(f'kmeans: n_clusters={K} is larger than the {n_total} points')
-            # the init sample: the S smallest keys over all ranks, so every rank gets the same
             S = min(K * self.init_sample_per_centroid, n_total)
-            idx = torch.topk(key, min(S, len(key)), largest=False).indices     # (s,) sorted
-            cand_x, cand_key = all_gather_rows(x[idx]), all_gather_rows(key[idx])
-            sample = cand_x[torch.argsort(cand_key, stable=True)[:S]]          # (S, D)
+            sample = _init_sample(x, key, S)                                   # (S, D)
             gen = torch.Generator().manual_seed(self.seed)
-            if init_centroids is not None:
-                c = self._prepare(init_centroids, x.shape[1])                      # (K, D)
-                if len(c) != K:
-                    raise ValueError(f'kmeans: init_centroids has {len(c)} rows, not {K}')
-            elif self.init == 'k-means++':
-                c = kmeans_pp(sample, K, 2 + int(math.log(K)), gen)            # (K, D)
-            else:
-                c = sample[torch.randperm(S, generator=gen)[:K].to(x.device)]  # (K, D)
-            c = F.normalize(c, dim=1) if self.spherical else c
+            c = self._init_centroids(sample, x.shape[1], init_centroids, gen)  # (K, D)
             if self.verbose and rank == 0:
                 print(f'kmeans: K={K}, {n_total} of {int(n[1])} points (D={x.shape[1]}), '
                       f'{self.init} init on {S}, {world} rank(s)')
@@ -293,6 +166,22 @@ class KMeans:
         self.centroids, self.inertia_ = c, obj
         return self
 
+    def _init_centroids(self, sample, dim, init_centroids, gen):
+        """The starting centroids (K, D) fp32 from the init sample (S, D): init_centroids (K, dim)
+        if given, else greedy k-means++ with 2 + ln K local trials (sklearn's choice), else K
+        distinct random rows of the sample ('random'). Unit rows if spherical."""
+        K = self.n_clusters
+        if init_centroids is not None:
+            c = self._prepare(init_centroids, dim)                             # (K, D)
+            if len(c) != K:
+                raise ValueError(f'kmeans: init_centroids has {len(c)} rows, not {K}')
+        elif self.init == 'k-means++':
+            c = kmeans_pp(sample, K, 2 + int(math.log(K)), gen)                # (K, D)
+        else:
+            perm = torch.randperm(len(sample), generator=gen)                  # (S,)
+            c = sample[perm[:K].to(sample.device)]                             # (K, D)
+        return F.normalize(c, dim=1) if self.spherical else c
+
     def _lloyd_pass(self, x, x_sq, c, labels, sums):
         """E-step on the local rows x (n, D), x_sq = ||x||^2 (n,), and the M-step statistics summed
         over ranks: sums (K, D) float64 becomes s_k = sum_{a(x)=k} x in place, from the rows whose
@@ -313,11 +202,27 @@ class KMeans:
         counts += torch.bincount(new, minlength=K)
         sse.index_add_(0, new, sq.double())
         buf[-1] = sse.sum()
-        if _world()[1] > 1:
-            dist.all_reduce(buf)
+        if dist.rank_world()[1] > 1:
+            torch.distributed.all_reduce(buf)
         sums += delta
         sums[counts == 0] = 0  # exact zeros, not rounding residue, for emptied clusters
         return new, counts, sse, buf[-1].item()
+
+    def _assign(self, x, c, x_sq):
+        """assign_chunk on blocks of block_rows rows, all in one reused (rows, K) distance buffer.
+        x (n, D), c (K, D), x_sq = ||x||^2 (n,) -> labels (n,), squared distances (n,)."""
+        rows, c_sq = self.block_rows(x.device), (c * c).sum(1)                 # (K,)
+        block = x.new_empty(min(rows, len(x)), len(c))                         # (rows, K)
+        out = [assign_chunk(xb, c, c_sq, sb, block) for xb, sb in zip(x.split(rows),
+                                                                       x_sq.split(rows))]
+        return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
+
+    def block_rows(self, device):
+        """Rows of an fp32 distance block (rows, K): chunk_size, else 4096 on CPU (as faiss; fewer
+        are slower at large K), 65536 on GPU, within 256 MiB (CPU) / 512 MiB (GPU) of distances."""
+        cpu = torch.device(device).type == 'cpu'
+        rows = ((256 if cpu else 512) << 20) // (4 * self.n_clusters)
+        return self.chunk_size or int(max(min(rows, 4096 if cpu else 65536), 256))
 
     def _update(self, c, sums, counts, sse, gen):
         """c_k = sums_k / n_k. An empty cluster j splits the currently largest cluster i (faiss'
@@ -349,15 +254,6 @@ class KMeans:
         with no_tf32():
             return self._assign(x, self.centroids.to(x.device), _sq_norms(x))
 
-    def _assign(self, x, c, x_sq):
-        """assign_chunk on blocks of block_rows rows, all in one reused (rows, K) distance buffer.
-        x (n, D), c (K, D), x_sq = ||x||^2 (n,) -> labels (n,), squared distances (n,)."""
-        rows, c_sq = self.block_rows(x.device), (c * c).sum(1)                 # (K,)
-        block = x.new_empty(min(rows, len(x)), len(c))                         # (rows, K)
-        out = [assign_chunk(xb, c, c_sq, sb, block) for xb, sb in zip(x.split(rows),
-                                                                       x_sq.split(rows))]
-        return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
-
     def predict(self, x):
         """Token ids: index of the nearest centroid of each row. x (N, D) -> (N,) int64."""
         return self.assign(x)[0]
@@ -376,6 +272,146 @@ class KMeans:
         km.centroids = torch.from_numpy(c.astype(np.float32))                  # (K, D)
         return km
 
+    # ---- input ------------------------------------------------------------------------------
+    def _prepare(self, x, dim=None):
+        """Check a chunk (n, D) and return it as fp32 on self.device (unit rows if spherical)."""
+        if not torch.is_tensor(x):
+            x = torch.as_tensor(np.asarray(x))
+        if x.ndim != 2 or not x.is_floating_point():
+            raise ValueError(f'kmeans: features must be a 2-d float (N, D) array, got '
+                             f'shape {tuple(x.shape)} dtype {x.dtype}')
+        if dim is not None and x.shape[1] != dim:
+            raise ValueError(f'kmeans: feature dimension {x.shape[1]} != expected {dim}')
+        x = x.to(self.device or x.device, torch.float32)
+        if x.numel() and not torch.isfinite(torch.stack(torch.aminmax(x))).all():  # NaN, inf
+            raise ValueError('kmeans: features contain NaN or inf')
+        return F.normalize(x, dim=1) if self.spherical else x
+
+
+# ---- subsampling ------------------------------------------------------------------------------
+# With m = K * max_points_per_centroid, fit trains on the m rows with the smallest keys, a hash
+# of (global row index, seed): in effect the first m rows of a random permutation, a uniform
+# subset that depends on the rows alone, not on how they are chunked or (tensors) sharded over
+# ranks. The init sample is the K * init_sample_per_centroid of them with the smallest keys.
+# key = hash * 2^31 + (index mod 2^31): the 31-bit hash orders the keys, the index breaks ties
+# and restores data order. hash = _mix31(_mix31(hi ^ lo) ^ hi), lo the index's low 31 bits, hi
+# = (index >> 31) * _HI_MULT + seed mod _SEED_MOD + 1 (the salt).
+_MASK31 = 0x7FFFFFFF      # 2^31 - 1: hash values and the key's index field are 31 bits
+_HI_MULT = 40503          # Knuth's Fibonacci-hashing multiplier: 2^16 / golden ratio, rounded
+_SEED_MOD = 65521         # the largest prime below 2^16 (as Adler-32): the seed's salt
+_LCG_MULT = 1103515245    # the multiplier and increment of the C standard's example rand()
+_LCG_INC = 12345          # (a linear congruential generator), here mod 2^31
+_XORSHIFT = 13            # h ^= h >> 13 folds the well-mixed high bits into the weak low ones
+_MIX_ROUNDS = 3           # LCG + xorshift rounds per mix
+_RANK_STRIDE = 1 << 40    # chunk iterators: rank r numbers its rows r * 2^40 + 0, 1, ...
+
+
+def _mix31(h):
+    """A pseudo-random bijection of [0, 2^31) (each step is invertible: the LCG's multiplier is
+    odd, and h ^ (h >> 13) can be undone): the low 31 bits of h, then _MIX_ROUNDS rounds of an
+    LCG step mod 2^31 and a xorshift. h int64 tensor (n,) -> (n,) in [0, 2^31)."""
+    h = h & _MASK31                                                            # (n,)
+    for _ in range(_MIX_ROUNDS):
+        h = (h * _LCG_MULT + _LCG_INC) & _MASK31  # < 2^62: no int64 overflow
+        h = h ^ (h >> _XORSHIFT)
+    return h
+
+
+def _row_keys(idx, seed):
+    """The key of each global row index: hash(index, seed) * 2^31 + (index mod 2^31), so rows
+    whose indices differ by less than 2^31 never share a key. idx (n,) int64 >= 0 -> (n,) int64
+    (non-negative, < 2^62)."""
+    lo = idx & _MASK31                                                         # (n,)
+    hi = (idx >> 31) * _HI_MULT + seed % _SEED_MOD + 1                         # (n,) the salt
+    h = _mix31(_mix31(hi ^ lo) ^ hi)                                           # (n,) 31 bits
+    return (h << 31) | lo
+
+
+def _collect(data, m, seed, prepare):
+    """Stream `data` (a tensor (N, D), or an iterable of (n_i, D) chunks) once and keep the m
+    rows with the smallest keys (all rows if m is None); prepare(chunk, dim) checks and converts
+    each chunk. Returns the rows (n, D) in data order, their keys (n,) and the rows read here.
+    A tensor's rows are numbered globally (lower ranks first: the sample of one process); an
+    iterator's length is unknown, so rank r numbers from r * _RANK_STRIDE. Memory stays O(m):
+    past 2 m held rows _smallest cuts to the m smallest, and tau, the largest of these, filters
+    later chunks. Across ranks: keep the rows with key <= the m-th smallest of all kept keys."""
+    rank, world = dist.rank_world()
+    chunks = [data] if torch.is_tensor(data) else data
+    offset = rank * _RANK_STRIDE  # iterators: each rank numbers its rows in its own range
+    if torch.is_tensor(data) and world > 1:  # tensors: true global row indices
+        n = torch.tensor([data.shape[0]], device=data.device)
+        offset = int(dist.all_gather_rows(n)[:rank].sum())
+    keep, kept, n_seen, tau, dim = [], 0, 0, None, None  # keep: [(rows (n_i, D), keys (n_i,))]
+    for chunk in chunks:
+        chunk = prepare(chunk, dim)
+        dim = chunk.shape[1]
+        key = _row_keys(torch.arange(n_seen, n_seen + len(chunk)) + offset, seed)
+        key = key.to(chunk.device)                                             # (n_i,)
+        n_seen += len(chunk)
+        if tau is not None:  # only rows that can still make it into the smallest m
+            chunk, key = chunk[key <= tau], key[key <= tau]
+        keep.append((chunk, key))
+        kept += len(chunk)
+        if m is not None and kept > 2 * m:  # compact to the m smallest keys
+            keep, tau = _smallest(keep, m)
+            kept = m
+    if dim is None:
+        raise ValueError('kmeans: no data')
+    keep, _ = _smallest(keep, m if m is not None else kept)
+    x, key = keep[0]
+    if world > 1 and m is not None:  # global m-th smallest key, as if on one process
+        all_keys = dist.all_gather_rows(key)                                   # (sum n_r,)
+        tau = all_keys.kthvalue(min(m, len(all_keys))).values
+        x, key = x[key <= tau], key[key <= tau]
+    if m is not None:  # topk shuffled the rows: back to data order (low key bits = index)
+        order = torch.argsort(key & _MASK31)                                   # (n,)
+        x, key = x[order], key[order]
+    return x, key, n_seen
+
+
+def _smallest(keep, m):
+    """Concatenate the held (rows (n_i, D), keys (n_i,)) pairs and keep the m rows with the
+    smallest keys (in topk's order). Returns [(rows (<= m, D), keys)] and tau, the largest kept
+    key (None if no row is kept)."""
+    x, key = keep[0] if len(keep) == 1 else [torch.cat(t) for t in zip(*keep)]  # (n, D), (n,)
+    if len(key) > m:
+        idx = torch.topk(key, m, largest=False).indices                        # (m,)
+        x, key = x[idx], key[idx]
+    tau = key.max() if len(key) else None
+    return [(x, key)], tau
+
+
+def _init_sample(x, key, S):
+    """The init sample: the S rows with the smallest keys over all ranks, in key order, so every
+    rank (and a single process on the same data) draws the same one. x (n, D), key (n,) ->
+    (S, D); each rank contributes its own S smallest."""
+    idx = torch.topk(key, min(S, len(key)), largest=False).indices             # (s,) sorted
+    cand_x, cand_key = dist.all_gather_rows(x[idx]), dist.all_gather_rows(key[idx])
+    return cand_x[torch.argsort(cand_key, stable=True)[:S]]                    # (S, D)
+
+
+# ---- exact fp32 -------------------------------------------------------------------------------
+@contextmanager
+def no_tf32():
+    """Exact fp32 matmuls and cuDNN convolutions inside the block (training scripts often switch
+    TF32 on globally, and cuDNN uses it for convolutions by default)."""
+    saved = []  # (object, attribute, old value)
+    try:
+        for legacy, modern in ((torch.backends.cuda.matmul, torch.backends.cuda.matmul),
+                               (torch.backends.cudnn, torch.backends.cudnn.conv)):
+            try:
+                old = legacy.allow_tf32
+                legacy.allow_tf32 = False
+                saved.append((legacy, 'allow_tf32', old))
+            except RuntimeError:  # the caller uses the fp32_precision API; torch forbids mixing
+                old = modern.fp32_precision
+                modern.fp32_precision = 'ieee'
+                saved.append((modern, 'fp32_precision', old))
+        yield
+    finally:
+        for obj, attr, old in reversed(saved):
+            setattr(obj, attr, old)
+
 
 def main(argv=None):
     p = argparse.ArgumentParser(description='Fit K-Means centroids to .npy feature shards (N, D). '
@@ -391,13 +427,8 @@ def main(argv=None):
     p.add_argument('--device', default='', help="'' = cuda if available, else cpu")
     p.add_argument('--out', default='km.npy', help='output centroids, float32 [K, D]')
     args = p.parse_args(argv)
-    device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    files = args.features
-    if 'RANK' in os.environ:  # torchrun: one shard of the files per rank
-        dist.init_process_group('nccl' if device == 'cuda' else 'gloo')
-        if device == 'cuda':
-            device = f'cuda:{int(os.environ["LOCAL_RANK"])}'
-        files = files[dist.get_rank()::dist.get_world_size()]
+    device, rank, world = dist.setup(args.device, mps=False)
+    files = args.features[rank::world]   # torchrun: one shard of the files per rank
 
     def chunks(rows=65536):
         for f in files:
@@ -408,12 +439,11 @@ def main(argv=None):
     km = KMeans(args.k, n_iter=args.n_iter, init=args.init, tol=args.tol, seed=args.seed,
                 spherical=args.spherical, device=device, verbose=True,
                 max_points_per_centroid=args.max_points_per_centroid or None).fit(chunks())
-    if _world()[0] == 0:
+    if rank == 0:
         km.save(args.out)
         print(f'saved centroids {tuple(km.centroids.shape)} to {args.out}, '
               f'inertia {km.inertia_:.6g}')
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    dist.cleanup()
 
 
 if __name__ == '__main__':

@@ -25,13 +25,12 @@ import os
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
 import data
+import dist
 import gpt
-import train
 import var
 import vqvae
 
@@ -123,8 +122,9 @@ def load_image(path, resolution, mode='RGB'):
 
 @torch.no_grad()
 def main(args):
-    device, rank, world = train.setup(argparse.Namespace(device=args.device, dtype='float32',
-                                                         compile=False))
+    device, rank, world = dist.setup(args.device)
+    if device.startswith('cuda'):   # TF32 matmuls, as train.py and VAR's demo
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     gen, vae, K, class_names = load(args, device)
     resolution = vae.config.patch_nums[-1] * vae.downsample
     if args.num_samples:   # N samples for FID, sharded over ranks
@@ -135,8 +135,7 @@ def main(args):
             out.append(data.to_uint8(gen(labels, args.seed + rank * 1_000_003 + b) * 2 - 1))
         shard = np.concatenate(out) if out else np.zeros((0, resolution, resolution, 3), np.uint8)
         np.save(f'{args.npz}.rank{rank}.npy', shard)      # shards on disk, not in memory
-        if world > 1:
-            dist.barrier()
+        dist.barrier()
         if rank == 0:
             images = np.empty((args.num_samples, resolution, resolution, 3), np.uint8)
             for r in range(world):
@@ -159,8 +158,7 @@ def main(args):
         data.save_image_grid(images.cpu(), path, nrow=len(classes))
         names = [class_names[c] for c in classes] if class_names else classes
         print(f'columns: {names}\nwrote {path}')
-    if dist.is_initialized():   # torchrun, one process included
-        dist.destroy_process_group()
+    dist.cleanup()
 
 
 if __name__ == '__main__':

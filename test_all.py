@@ -25,10 +25,12 @@ import inception
 import gpt
 import kmeans
 import sample
+import standin
 import tokenizer
 import train
 import var
 import vqvae
+import vqvae_train
 from dinov2 import DINOv2, DINOV2_CONFIGS
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -298,8 +300,8 @@ def tiny_vqvae(**kw):
 
 def save_vqvae(model, path):
     """A train.py-style tokenizer checkpoint, for VAR and sample.py to load."""
-    train.save_checkpoint(str(path), dict(kind='vqvae', config=vqvae.asdict(model.config),
-                                          model=model.state_dict(), ema=None))
+    data.save_atomic(dict(kind='vqvae', config=vqvae.asdict(model.config),
+                          model=model.state_dict(), ema=None), str(path))
 
 
 def images(b=4, res=16, seed=0):
@@ -438,7 +440,7 @@ def test_vqvae_usage_ema_and_dead_code_reseeding():
         f = model.encode(x)
         pool = torch.cat([z.permute(0, 2, 3, 1).reshape(-1, 8)
                           for z, _, _ in model.quantize.residual_steps(f)])
-        n = model.quantize.reseed_dead_codes(f)
+        n = vqvae_train.reseed_dead_codes(model.quantize, f)
     after = model.quantize.embedding.weight.detach()
     assert n == int((~used_any).sum()) > 0
     assert torch.equal(after[used_any], before[used_any])       # live codes untouched
@@ -471,22 +473,22 @@ def test_vqvae_checkpoint_round_trip_gives_identical_tokens(tmp_path):
 def test_hinge_and_adaptive_gan_weight_formulas():
     real, fake = torch.tensor([2.0, 0.5]), torch.tensor([-3.0, 0.25])
     # 1/2 (mean(relu(1 - real)) + mean(relu(1 + fake))) = 1/2 (0.25 + 0.625)
-    assert vqvae.hinge_d_loss(real, fake).item() == pytest.approx(0.4375)
+    assert vqvae_train.hinge_d_loss(real, fake).item() == pytest.approx(0.4375)
     w = torch.tensor([1.0, 2.0], requires_grad=True)
     rec, g = (3 * w).sum(), (w * w).sum()   # grads (3, 3) and (2, 4)
     expected = np.hypot(3, 3) / (np.hypot(2, 4) + 1e-4)
-    assert vqvae.adaptive_gan_weight(rec, g, w).item() == pytest.approx(expected, rel=1e-6)
+    assert vqvae_train.adaptive_gan_weight(rec, g, w).item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_patch_discriminator_gives_patch_logits():
-    d = vqvae.PatchDiscriminator(ch=8, n_layers=2)
+    d = vqvae_train.PatchDiscriminator(ch=8, n_layers=2)
     out = d(images(2, 32))
     assert out.shape == (2, 1, 6, 6)   # 32 -> 16 -> 8 (stride 2) -> 7 -> 6 (4x4, stride 1)
 
 
 def test_lpips_loads_official_layout_and_is_a_distance(tmp_path):
     torch.manual_seed(0)
-    net = vqvae.LPIPS()
+    net = vqvae_train.LPIPS()
     vgg = {f'features.{k}': torch.randn_like(v) * 0.05
            for k, v in net.features.state_dict().items()}
     vgg['classifier.0.weight'] = torch.zeros(1)            # torchvision's file has more: ignored
@@ -948,8 +950,8 @@ def test_crop_views_and_matching_points_agree_with_the_pixels():
     s = 0.5 + 0.5 * torch.rand(2, 5, generator=g)
     scale = torch.stack([s * torch.tensor([[1, -1, 1, -1, 1.]] * 2), s], -1)          # (2,5,2)
     shift = (1 - s).unsqueeze(-1) * (2 * torch.rand(2, 5, 2, generator=g) - 1)
-    views = [tokenizer.crop_views(img, scale[v], shift[v]) for v in (0, 1)]
-    p, inside = tokenizer.matching_points(scale, shift, n)                   # (5, 16, 2)
+    views = [standin.crop_views(img, scale[v], shift[v]) for v in (0, 1)]
+    p, inside = standin.matching_points(scale, shift, n)                   # (5, 16, 2)
     c = (2 * torch.arange(n) + 1) / n - 1
     cy, cx = torch.meshgrid(c, c, indexing='ij')
     u = torch.stack([cx, cy], -1).view(1, n * n, 1, 2).expand(5, -1, -1, -1)
@@ -965,23 +967,23 @@ def test_crop_views_and_matching_points_agree_with_the_pixels():
 def test_info_nce_formula_and_mask():
     a = F.normalize(torch.randn(6, 4), dim=1)
     b = F.normalize(torch.randn(6, 4), dim=1)
-    loss, acc = tokenizer.info_nce(a, b, 0.5)
+    loss, acc = standin.info_nce(a, b, 0.5)
     logits = a @ b.T / 0.5
     manual = -(logits.diag() - logits.logsumexp(1)).mean() / 2 \
         - (logits.diag() - logits.logsumexp(0)).mean() / 2
     torch.testing.assert_close(loss, manual)
     assert acc == (logits.argmax(1) == torch.arange(6)).float().mean()
     all_but_diagonal = ~torch.eye(6, dtype=torch.bool)
-    assert tokenizer.info_nce(a, b, 0.5, all_but_diagonal)[0] == 0   # no negatives left
-    assert tokenizer.info_nce(a, a, 0.01)[1] == 1                     # self-retrieval
+    assert standin.info_nce(a, b, 0.5, all_but_diagonal)[0] == 0   # no negatives left
+    assert standin.info_nce(a, a, 0.01)[1] == 1                     # self-retrieval
 
 
 def test_contrastive_vit_loss_falls_and_views_are_reproducible():
     torch.manual_seed(0)
-    m = tokenizer.ContrastiveViT(embed_dim=32, depth=2, num_heads=1, patch_size=8)
+    m = standin.ContrastiveViT(embed_dim=32, depth=2, num_heads=1, patch_size=8)
     img = images(8, 32, seed=3)
     g = lambda: torch.Generator().manual_seed(1)
-    v1, v2 = tokenizer.random_views(img, 0.5, g()), tokenizer.random_views(img, 0.5, g())
+    v1, v2 = standin.random_views(img, 0.5, g()), standin.random_views(img, 0.5, g())
     assert all(torch.equal(x, y) for x, y in zip(v1, v2))
     assert v1[0].shape == (16, 3, 32, 32) and v1[0].abs().max() <= 1
     opt = torch.optim.Adam(m.parameters(), 3e-3)
@@ -1032,11 +1034,11 @@ def test_stability_cli_prints_table(tmp_path, capsys):
 TOKENIZER_DDP_WORKER = '''
 import os, sys, torch
 sys.path.insert(0, {repo!r})
-import torch.distributed as dist, tokenizer
+import torch.distributed as dist, standin, tokenizer
 dist.init_process_group('gloo')
 rank = dist.get_rank()
 torch.manual_seed(0)
-vit = tokenizer.ContrastiveViT(embed_dim=32, depth=3, num_heads=1, patch_size=8).vit
+vit = standin.ContrastiveViT(embed_dim=32, depth=3, num_heads=1, patch_size=8).vit
 tok = tokenizer.Tokenizer(vit, layer=0, resolution=32)
 imgs = torch.load({imgs!r})
 tok.fit([imgs[rank::2]], 8, n_iter=6)
@@ -1060,7 +1062,7 @@ def test_tokenizer_fit_over_two_ranks(tmp_path):
     c0, c1 = (torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in (0, 1))
     assert torch.equal(c0, c1)
     torch.manual_seed(0)
-    vit = tokenizer.ContrastiveViT(embed_dim=32, depth=3, num_heads=1, patch_size=8).vit
+    vit = standin.ContrastiveViT(embed_dim=32, depth=3, num_heads=1, patch_size=8).vit
     one = tokenizer.Tokenizer(vit, layer=0, resolution=32).fit([imgs], 8, n_iter=6)
     f = one.features(imgs).flatten(0, 1)                                     # (256, 32)
     inertia = lambda c: torch.cdist(f, c).min(1).values.pow(2).sum()
@@ -1546,9 +1548,10 @@ def test_sample_npz_grid_and_zero_shot_edit(tmp_path):
     model = tiny_var()
     vae = model.vae[0]
     save_vqvae(vae, tmp_path / 'vae.pt')
-    train.save_checkpoint(str(tmp_path / 'var.pt'), dict(
+    data.save_atomic(dict(
         kind='var', config=vqvae.asdict(model.config), model=model.state_dict(), ema=None,
-        vae=str(tmp_path / 'vae.pt'), class_names=[f'c{i}' for i in range(10)]))
+        vae=str(tmp_path / 'vae.pt'), class_names=[f'c{i}' for i in range(10)]),
+        str(tmp_path / 'var.pt'))
     run = lambda *a: sample.main(sample.get_args(['--ckpt', str(tmp_path / 'var.pt'),
                                                   '--device', 'cpu', *a]))
     run('--num_samples', '7', '--batch_size', '3', '--npz', str(tmp_path / 's.npz'))

@@ -9,7 +9,7 @@ its nearest centroid:
 DiGIT: DINOv2 ViT-B/14 with 4 registers (dinov2.py), block layer = depth - 3 after the final
 norm, 224 px -> 16x16 tokens, K = 8192 (ViT-L: 16k), faiss K-Means with 20 iterations.
 Offline (no DINOv2 weights: the quick start, CI) a small ViT trained here on the data with a
-discriminative objective (ContrastiveViT: InfoNCE between two views, global and per patch;
+discriminative objective (standin.py: InfoNCE between two views, global and per patch;
 `train.py --model ssl`) stands in for DINOv2; it is a stand-in, not a reproduction.
 Also here: DiGIT Table 1, how far pixel noise moves VQVAE tokens vs discriminative tokens.
 
@@ -29,17 +29,18 @@ Test: `python -m pytest test_all.py -k "tokenizer or stability or contrastive"`.
 import argparse
 import math
 import os
-from dataclasses import dataclass, asdict
+from dataclasses import asdict
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import dist
 import kmeans
+import standin
 import vqvae
 from dinov2 import DINOv2, IMAGENET_MEAN, IMAGENET_STD
 
@@ -154,7 +155,7 @@ def load_encoder(path):
     training resolution, K 512)."""
     state = torch.load(path, map_location='cpu', weights_only=True)
     if isinstance(state, dict) and state.get('kind') == 'ssl':
-        model = ContrastiveViT(**state['config'])
+        model = standin.ContrastiveViT(**state['config'])
         model.load_state_dict(state['ema'] or state['model'])
         vit = model.vit.eval().requires_grad_(False)
         return vit, dict(layer=vit.config.depth - 3, resolution=vit.config.img_size, k=512)
@@ -163,120 +164,6 @@ def load_encoder(path):
                          'DINOv2 .pth or a train.py --model ssl checkpoint')
     vit = DINOv2.from_checkpoint(path, interpolate_offset=0.1, interpolate_antialias=False)
     return vit, dict(layer=vit.config.depth - 3, resolution=224, k=8192)
-
-
-# ----------------------------------------------------------------------------------------------
-# The offline stand-in encoder: a small ViT trained with InfoNCE on the data itself
-
-@dataclass
-class StandInConfig:
-    img_size: int = 32         # training resolution (the tokenizer's resolution)
-    patch_size: int = 4        # 32 px / 4 = 8x8 tokens
-    embed_dim: int = 128
-    depth: int = 4             # the tokenizer reads block depth - 3 = 1, as DiGIT's rule
-    num_heads: int = 2
-    proj_dim: int = 128        # width of the projection heads the loss sees
-    temperature: float = 0.2   # InfoNCE tau
-    min_scale: float = 0.5     # smallest crop side, as a fraction of the image side
-
-
-def random_views(img, min_scale, generator=None):
-    """Two augmented views of every image, and where their pixels come from. Geometry: a square
-    crop of side s ~ U(min_scale, 1) (fraction of the image side) at a random place, a random
-    horizontal flip, resized back (bilinear); photometry: brightness, contrast and saturation
-    jitter, grayscale with p = 0.2. img (B, 3, H, W) in [-1, 1] -> views (2B, 3, H, W) (all
-    first views, then all second views), scale and shift (2, B, 2) (see crop_views). Random
-    numbers come from `generator` on the CPU (None: torch's global generator)."""
-    B, dev = img.shape[0], img.device
-    rand = lambda *shape: torch.rand(*shape, generator=generator).to(dev)
-    s = min_scale + (1 - min_scale) * rand(2, B)                              # (2, B)
-    flip = torch.where(rand(2, B) < 0.5, -1.0, 1.0)
-    scale = torch.stack([s * flip, s], dim=-1)                                # (2, B, 2)
-    shift = (1 - s).unsqueeze(-1) * (2 * rand(2, B, 2) - 1)                   # crop stays inside
-    x = crop_views(img.repeat(2, 1, 1, 1), scale.flatten(0, 1), shift.flatten(0, 1))
-    jitter = lambda lo, hi: lo + (hi - lo) * rand(2 * B, 1, 1, 1)
-    x = x + jitter(-0.3, 0.3)                                                 # brightness
-    mu = x.mean((1, 2, 3), keepdim=True)
-    x = mu + (x - mu) * jitter(0.6, 1.4)                                      # contrast
-    gray = (x * torch.tensor([0.299, 0.587, 0.114], device=dev).view(1, 3, 1, 1)).sum(1, True)
-    sat = jitter(0.4, 1.6) * (rand(2 * B, 1, 1, 1) >= 0.2)                    # 0: grayscale
-    return (gray + (x - gray) * sat).clamp(-1, 1), scale, shift
-
-
-def crop_views(img, scale, shift):
-    """Resample: view coordinate u in [-1, 1]^2 ((x, y), pixel edges at +-1, align_corners=False)
-    shows image point scale * u + shift (bilinear, reflected at the border). img (N, 3, H, W),
-    scale and shift (N, 2) -> (N, 3, H, W)."""
-    theta = torch.cat([torch.diag_embed(scale), shift.unsqueeze(-1)], -1)     # (N, 2, 3)
-    grid = F.affine_grid(theta, list(img.shape), align_corners=False)         # (N, H, W, 2)
-    return F.grid_sample(img, grid, align_corners=False, padding_mode='reflection')
-
-
-def matching_points(scale, shift, n):
-    """Where the patch centres of view 2 lie in view 1: p = (s2 * u + t2 - t1) / s1 for the
-    centres u of an n x n grid (raster order). scale, shift (2, B, 2) -> p (B, n*n, 2) in view
-    1's coordinates, inside (B, n*n) bool (the point is in view 1's crop)."""
-    c = (2 * torch.arange(n, device=scale.device) + 1) / n - 1                # centres, (n,)
-    ys, xs = torch.meshgrid(c, c, indexing='ij')
-    u = torch.stack([xs, ys], -1).view(1, n * n, 2)                           # (1, L, 2)
-    p = (scale[1, :, None] * u + shift[1, :, None] - shift[0, :, None]) / scale[0, :, None]
-    return p, (p.abs() <= 1).all(-1)                                          # (B, L, 2), (B, L)
-
-
-def info_nce(a, b, temperature, mask=None):
-    """Symmetric InfoNCE (CLIP's form): rows of a and b (N, P), unit norm, are positives when
-    they share an index; every other row of the other side is a negative, except pairs where
-    mask (N, N) is True. Returns the loss and the top-1 retrieval accuracy (a -> b)."""
-    logits = a @ b.T / temperature                                            # (N, N)
-    if mask is not None:
-        logits = logits.masked_fill(mask, float('-inf'))
-    target = torch.arange(len(a), device=a.device)
-    loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-    return loss, (logits.argmax(1) == target).float().mean()
-
-
-class ContrastiveViT(nn.Module):
-    """The offline stand-in for DINOv2 (DESIGN: every DiGIT stage runs without downloads): a small
-    ViT of this file's DINOv2 class trained on the data with a discriminative objective at the
-    two levels DiGIT Table 4(a) finds to matter, global and patch:
-        L = (InfoNCE(g1, g2) + InfoNCE(z1(p), z2)) / 2
-    g = head_global(cls token), z = head_patch(patch features), both unit-normalised; z1(p) is
-    view 1's projected feature map sampled (bilinear) where view 2's patch centres lie, and only
-    patches seen by both views count. Patch negatives are the patches of the other images
-    (other patches of the same image are not negatives: they may look alike). A stand-in, not
-    DINOv2: nothing is pretrained, no teacher, no masking."""
-
-    def __init__(self, **kwargs):
-        super().__init__()
-        self.config = cfg = StandInConfig(**kwargs)
-        self.vit = DINOv2(img_size=cfg.img_size, patch_size=cfg.patch_size,
-                          embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
-                          layerscale=False)
-        head = lambda: nn.Sequential(nn.Linear(cfg.embed_dim, cfg.embed_dim), nn.GELU(),
-                                     nn.Linear(cfg.embed_dim, cfg.proj_dim))
-        self.head_global, self.head_patch = head(), head()
-
-    def forward(self, img, generator=None):
-        """img (B, 3, H, W) in [-1, 1] -> loss, {'global', 'patch', 'acc_g', 'acc_p'}."""
-        cfg, B = self.config, img.shape[0]
-        n = img.shape[-1] // cfg.patch_size
-        views, scale, shift = random_views(img, cfg.min_scale, generator)
-        out = self.vit.forward_features(views)
-        g = F.normalize(self.head_global(out['x_norm_clstoken']), dim=-1)     # (2B, P)
-        z = self.head_patch(out['x_norm_patchtokens'])                        # (2B, L, P)
-        where, inside = matching_points(scale, shift, n)                      # (B, L, 2), (B, L)
-        z1_map = z[:B].transpose(1, 2).reshape(B, -1, n, n)                   # (B, P, n, n)
-        z1 = F.grid_sample(z1_map, where.unsqueeze(2), align_corners=False,
-                           padding_mode='border')                          # (B, P, L, 1)
-        z1 = F.normalize(z1.squeeze(-1).transpose(1, 2)[inside], dim=-1)      # (M, P)
-        z2 = F.normalize(z[B:][inside], dim=-1)                               # (M, P)
-        image = torch.arange(B, device=img.device).view(B, 1).expand(B, n * n)[inside]  # (M,)
-        same_image = (image[:, None] == image[None]) & ~torch.eye(len(image), dtype=torch.bool,
-                                                                   device=img.device)
-        l_global, acc_g = info_nce(g[:B], g[B:], cfg.temperature)
-        l_patch, acc_p = info_nce(z1, z2, cfg.temperature, same_image)
-        parts = dict(glob=l_global.detach(), patch=l_patch.detach(), acc_g=acc_g, acc_p=acc_p)
-        return (l_global + l_patch) / 2, parts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -375,21 +262,13 @@ def main(argv=None):
         q.add_argument('--device', default='', help="'' = cuda if available, else cpu")
         q.add_argument('--seed', type=int, default=0)
     args = p.parse_args(argv)
-    device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    rank, world = 0, 1
-    if 'RANK' in os.environ:   # torchrun: every rank extracts its share, K-Means all-reduces
-        if device == 'cuda':
-            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(device)
-        dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
-        rank, world = dist.get_rank(), dist.get_world_size()
+    device, rank, world = dist.setup(args.device, mps=False)   # torchrun: a share per rank
     torch.manual_seed(args.seed)
     if args.command == 'fit':
         result = fit_command(args, device, rank, world)
     else:
         result = stability_command(args, device)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    dist.cleanup()
     return result
 
 

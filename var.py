@@ -20,14 +20,18 @@ Deviations: labels are dropped only in training mode; attention is torch SDPA on
 fp32, logits, gradients and samples (same seed) are bit-identical to the official code.
 Test: `python -m pytest test_all.py -k var`; train: `python train.py --model var --depth 16`.
 """
+import argparse
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import data
 import gpt
+import vqvae
 
 
 @dataclass
@@ -154,10 +158,9 @@ class VAR(nn.Module):
 
         Classifier-free guidance on a linear ramp: at scale k of K the logits are
         (1 + t) cond - t uncond with t = cfg * k / (K - 1), so the 1x1 map is unguided and
-        the last gets the full cfg. Zero-shot editing (VAR Appendix B): where the mask
-        (B, H_img, W_img), 1 = keep, resized bilinearly to pn x pn, is > 0.5, the tokens
-        edit_idx (K x (B, pn^2), from vae.img_to_idx) are teacher-forced instead of sampled;
-        maps of at most 3 tokens are always forced (the official notebook)."""
+        the last gets the full cfg. Zero-shot editing: the tokens edit_idx (K x (B, pn^2), from
+        vae.img_to_idx) are kept where edit_mask (B, H_img, W_img) says so (kept_positions).
+        more_smooth: soft codes (smooth_codes), for looks."""
         B, K, vae = len(labels), len(self.patch_nums), self.vae[0]
         quant, H = vae.quantize, self.patch_nums[-1]
         rng = None if seed is None else torch.Generator(labels.device).manual_seed(seed)
@@ -177,19 +180,13 @@ class VAR(nn.Module):
             t = cfg * ratio
             logits = (1 + t) * logits[:B] - t * logits[B:]                         # (B, l, V)
             idx = gpt.sample(logits, top_k, top_p, rng, temperature)   # in place on logits
-            forced = None
-            if edit_idx is not None:
-                keep = F.interpolate(edit_mask[:, None].float(), size=(pn, pn), mode='bilinear')
-                forced = (keep.flatten(1) > 0.5) | (pn * pn <= 3)                 # (B, l)
-                idx = torch.where(forced, edit_idx[k], idx)
+            kept = None if edit_idx is None else kept_positions(edit_mask, pn)     # (B, l)
+            if kept is not None:
+                idx = torch.where(kept, edit_idx[k], idx)
             idx_list.append(idx)
-            if more_smooth:   # soft codes from a Gumbel-softmax of the filtered logits
-                tau = max(0.27 * (1 - 0.95 * ratio), 0.005)
-                h = gpt.gumbel_softmax(logits * (1 + ratio), tau, rng) @ quant.embedding.weight
-                if forced is not None:
-                    h = torch.where(forced[..., None], quant.embedding(idx), h)
-            else:
-                h = quant.embedding(idx)                                           # (B, l, Cvae)
+            h = quant.embedding(idx)                                               # (B, l, Cvae)
+            if more_smooth:
+                h = self.smooth_codes(logits, ratio, rng, h, kept)
             h = h.transpose(1, 2).reshape(B, self.Cvae, pn, pn)
             f_hat, nxt = quant.next_var_input(k, f_hat, h)
             if k < K - 1:
@@ -199,6 +196,16 @@ class VAR(nn.Module):
         for block in self.blocks:
             block.attn.kv_cache = None
         return idx_list, f_hat
+
+    def smooth_codes(self, logits, ratio, rng, h, kept=None):
+        """more_smooth (the official sampler's option): instead of the sampled codes h (B, l, C),
+        a Gumbel-softmax mix of all codes, from the filtered logits (B, l, V) sharpened by
+        (1 + ratio), at temperature max(0.27 (1 - 0.95 ratio), 0.005); kept (edited) positions
+        keep their code."""
+        tau = max(0.27 * (1 - 0.95 * ratio), 0.005)
+        soft = gpt.gumbel_softmax(logits * (1 + ratio), tau, rng)                 # (B, l, V)
+        soft = soft @ self.vae[0].quantize.embedding.weight                        # (B, l, C)
+        return soft if kept is None else torch.where(kept[..., None], h, soft)
 
     @torch.no_grad()
     def generate(self, labels, cfg=1.5, top_k=0, top_p=0.0, seed=None, more_smooth=False,
@@ -234,3 +241,94 @@ class VAR(nn.Module):
         except RuntimeError as e:
             raise RuntimeError(f'{path} does not fit VAR({config}):\n{e}') from None
         return model
+
+
+def kept_positions(mask, pn):
+    """Zero-shot editing (VAR Appendix B: in-, out-painting, class-conditional editing): which
+    tokens of a pn x pn map are teacher-forced from the input image instead of sampled. mask
+    (B, H_img, W_img), 1 = keep, resized bilinearly to pn x pn, > 0.5; maps of at most 3 tokens
+    are always kept (the official notebook). -> (B, pn*pn) bool."""
+    keep = F.interpolate(mask[:, None].float(), size=(pn, pn), mode='bilinear')    # (B,1,pn,pn)
+    return (keep.flatten(1) > 0.5) | (pn * pn <= 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# The piece of train.py: --model var
+
+class Training:
+    """--model var: VAR on the tokens of a frozen VQVAE (--vae), tokenized once and cached;
+    cross-entropy over all L tokens with the per-scale loss and accuracy; sample grids."""
+    # VAR's recipe: AdamW (0.9, 0.95), wd 0.05, lr 1e-4 per 256 images, warmup 2%, linear decay
+    defaults = dict(weight_decay=0.05, beta1=0.9, beta2=0.95, lr_schedule='linear',
+                    vae='out/vqvae/ckpt.pt')
+    no_decay = ('class_emb', 'lvl_embed', 'pos_start', 'pos_1LC', 'scale_mul', 'ada_gss')
+    picture_name = 'samples'
+
+    @staticmethod
+    def add_args(parser):
+        g = parser.add_argument_group('var (--model var; also --depth, --vae, --cfg, ...)')
+        g.add_argument('--cache_tokens', action=argparse.BooleanOptionalAction, default=True,
+                       help='tokenize the data once (eval crops) instead of every batch')
+
+    @staticmethod
+    def finish_args(args):
+        if args.lr is None:
+            args.lr = 1e-4 * args.total_batch_size / 256
+        if args.warmup_iters is None:
+            args.warmup_iters = args.max_iters // 50
+
+    def __init__(self, args, train_set, val_set, run):
+        self.args, self.run = args, run
+        self.vae = vae = vqvae.VQVAE.frozen(args.vae, args.resolution, run.device)
+        self.saved = dict(vae=args.vae)
+        self.train_set, self.val_set = train_set, val_set
+        if args.cache_tokens:   # the frozen tokenizer off the training step's path
+            encode = lambda img: torch.cat(vae.img_to_idx(img), 1)                   # (B, L)
+            key = data.tokenizer_key(asdict(vae.config), vae.parameters())
+            self.train_set = data.tokenize(encode, key, train_set, os.path.join(
+                args.out_dir, 'tokens_train.pt'), args, run.device)
+            self.val_set = data.tokenize(encode, key, val_set, os.path.join(
+                args.out_dir, 'tokens_val.pt'), args, run.device, limit=args.eval_images)
+        self.num_classes = train_set.num_classes
+        self.config = asdict(VARConfig(depth=args.depth, num_classes=self.num_classes,
+                                       patch_nums=vae.config.patch_nums))
+
+    def build(self):
+        return VAR(self.vae, **self.config)
+
+    def loss(self, model, batch, step):
+        """Cross-entropy over all L tokens (mean, as the official trainer), and per scale the
+        loss and the accuracy. batch: cached tokens (B, L) or images (tokenized here)."""
+        tokens = batch[0].to(self.run.device, non_blocking=True)
+        labels = batch[1].to(self.run.device)
+        vae, patch_nums = self.vae, self.vae.config.patch_nums
+        if tokens.ndim == 4:    # images, not cached tokens: tokenize now (random crops included)
+            tokens = torch.cat(vae.img_to_idx(tokens), 1)                            # (B, L)
+        idx = tokens.split([pn * pn for pn in patch_nums], dim=1)                  # K x (B, l)
+        logits = model(labels, vae.idx_to_var_input(idx))                          # (B, L, V)
+        ce = F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction='none',
+                             label_smoothing=self.args.label_smooth).view(tokens.shape)  # (B, L)
+        hit = (logits.detach().argmax(-1) == tokens).float()                       # (B, L)
+        parts, start = {}, 0
+        for k, pn in enumerate(patch_nums):
+            parts[f'ce_{k}'] = ce[:, start:start + pn * pn].detach().mean()
+            parts[f'acc_{k}'] = hit[:, start:start + pn * pn].mean() * 100
+            start += pn * pn
+        return ce.mean(), parts
+
+    @torch.no_grad()
+    def picture(self, model, path, per_class=4):
+        """Generated images: one column per class (at most 10), per_class rows."""
+        model.eval()
+        classes = torch.arange(min(self.num_classes, 10), device=self.run.device)
+        a = self.args
+        img = model.generate(classes.repeat(per_class), cfg=a.cfg, top_k=a.top_k, top_p=a.top_p,
+                             seed=a.seed)                            # (B, 3, H, W), row-major
+        data.save_image_grid(img.float().cpu() * 2 - 1, path, nrow=len(classes))
+        model.train()
+
+    def summary(self, r, step):
+        patch_nums = self.config['patch_nums']
+        accs = ', '.join(f'{pn}x{pn}: {r[f"acc_{k}"]:.1f}%' for k, pn in enumerate(patch_nums))
+        return (f'held-out cross-entropy {r["loss"]:.3f} after {step} steps; token accuracy '
+                f'per scale: {accs}')

@@ -1,6 +1,5 @@
 """
-The multi-scale residual VQVAE of VAR (Tian et al., NeurIPS 2024, arXiv 2404.02905), and the
-losses used to train it.
+The multi-scale residual VQVAE of VAR (Tian et al., NeurIPS 2024, arXiv 2404.02905).
 
 An image x is encoded to a feature map f (B, C, H, W). Instead of one token per position, VAR
 quantises f into K token maps r_1..r_K of growing size pn_k x pn_k (paper Alg. 1):
@@ -23,10 +22,10 @@ Deviations from the official code: `ch_mult`, `num_res_blocks` and the attention
 configurable (the official code hard-codes the LDM vq-f16 layout, our default); the phi convs
 are always stored as `quant_resi.qresi_ls.{i}` (share_quant_resi=0 means one per scale);
 a single scale (K=1) is allowed and is a plain VQVAE; dead codes can be re-seeded from live
-features; the PatchGAN and LPIPS losses below are ours (VAR never released its tokenizer
-training). Run `python -m pytest test_all.py -k vqvae` to test, `python train.py --model vqvae`
-to train.
+features. Training it (VAR never released that) is vqvae_train.py. Test: `python -m pytest
+test_all.py -k vqvae`; train: `python train.py --model vqvae`.
 """
+import os
 from dataclasses import dataclass, asdict
 
 import numpy as np
@@ -128,6 +127,15 @@ def _level(blocks, attns, resample_name=None, resample=None):
     return level
 
 
+def _run_level(level, h, resample_name):
+    """Residual blocks, each followed by its attention if the level has any, then resampling."""
+    for i, block in enumerate(level.block):
+        h = block(h)
+        if len(level.attn):
+            h = level.attn[i](h)
+    return getattr(level, resample_name)(h) if hasattr(level, resample_name) else h
+
+
 def _mid(channels, cfg):
     mid = nn.Module()
     mid.block_1 = ResnetBlock(channels, channels, cfg.dropout)
@@ -160,12 +168,7 @@ class Encoder(nn.Module):
     def forward(self, x):
         h = self.conv_in(x)
         for level in self.down:
-            for i, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn):
-                    h = level.attn[i](h)
-            if hasattr(level, 'downsample'):
-                h = level.downsample(h)
+            h = _run_level(level, h, 'downsample')
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         return self.conv_out(F.silu(self.norm_out(h)))
 
@@ -195,12 +198,7 @@ class Decoder(nn.Module):
     def forward(self, z):
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
         for level in reversed(self.up):
-            for i, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn):
-                    h = level.attn[i](h)
-            if hasattr(level, 'upsample'):
-                h = level.upsample(h)
+            h = _run_level(level, h, 'upsample')
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
@@ -318,33 +316,15 @@ class MultiScaleQuantizer(nn.Module):
         fresh = ema.sum(1, keepdim=True) == 0                                     # first record
         ema.copy_(torch.where(fresh, hits, 0.99 * ema + 0.01 * hits))
 
-    def usage(self):
-        """Percent of the codebook in use at each scale: codes picked at least 8% as often as
-        they would be under uniform use, by the hit EMA (roughly the last few hundred steps)."""
+    def used(self):
+        """(K, V) bool: codes picked at least 8% as often as they would be under uniform use at
+        each scale, by the hit EMA (roughly the last few hundred steps)."""
         ema = self.ema_vocab_hit_SV
-        return ((ema >= 0.08 * ema.mean(1, keepdim=True)) & (ema > 0)).float().mean(1) * 100
+        return (ema >= 0.08 * ema.mean(1, keepdim=True)) & (ema > 0)
 
-    @torch.no_grad()
-    def reseed_dead_codes(self, f):
-        """Codes unused at every scale get a random live residual z_k of this batch (scale k
-        drawn uniformly, so coarse scales are fed too). Returns how many were re-seeded.
-        Under torch.distributed rank 0's choice is broadcast, so all ranks stay identical."""
-        ema = self.ema_vocab_hit_SV
-        if ema.sum() == 0:
-            return 0
-        used = (ema >= 0.08 * ema.mean(1, keepdim=True)) & (ema > 0)             # (K, V)
-        dead = (~used.any(0)).nonzero().flatten()                                 # (D,)
-        if len(dead):
-            pools = [z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
-                     for z, _, _ in self.residual_steps(f.float())]               # K x (N_k, C)
-            scale = torch.randint(len(pools), (len(dead),))
-            rows = [pools[s][torch.randint(len(pools[s]), ())] for s in scale.tolist()]
-            self.embedding.weight[dead] = torch.stack(rows).to(self.embedding.weight)
-            ema[:, dead] = 0.0   # in use only once picked; still unused next time: re-seeded
-        if dist.is_available() and dist.is_initialized():
-            dist.broadcast(self.embedding.weight.data, 0)
-            dist.broadcast(ema, 0)
-        return len(dead)
+    def usage(self):
+        """Percent of the codebook in use at each scale (K,)."""
+        return self.used().float().mean(1) * 100
 
     def idx_to_fhat(self, idx_list, H):
         """Alg. 2: f_hat = sum_k phi_k(up(E[r_k])) over the given scales (a prefix of K scales
@@ -434,6 +414,18 @@ class VQVAE(nn.Module):
         return self.quantize.idx_to_var_input(idx_list)
 
     @classmethod
+    def frozen(cls, path, resolution, device):
+        """The frozen tokenizer of VAR or DiGIT's stage 2, checked against the image size."""
+        if not os.path.exists(path):
+            raise SystemExit(f'--vae {path} not found: train a tokenizer first (python train.py '
+                             '--model vqvae ...) or pass the released vae_ch160v4096z32.pth')
+        vae = cls.from_checkpoint(path).to(device).eval().requires_grad_(False)
+        if resolution != vae.config.patch_nums[-1] * vae.downsample:
+            raise SystemExit(f'--resolution {resolution} does not fit the tokenizer, '
+                             f'made for {vae.config.patch_nums[-1] * vae.downsample} px images')
+        return vae
+
+    @classmethod
     def from_checkpoint(cls, path, use_ema=True):
         """Load the official `vae_ch160v4096z32.pth` (a bare state dict, default config) or a
         `train.py --model vqvae` checkpoint (config inside). Errors name what does not fit."""
@@ -456,93 +448,3 @@ class VQVAE(nn.Module):
             msg = f'{path} does not fit VQVAE({asdict(model.config)}):\n{e}'
             raise RuntimeError(msg) from None
         return model
-
-
-# ----------------------------------------------------------------------------------------------
-# Extra tokenizer losses (VQGAN, Esser et al. 2021): PatchGAN hinge loss and LPIPS
-
-class PatchDiscriminator(nn.Module):
-    """PatchGAN (pix2pix / VQGAN): a real-vs-fake logit per overlapping patch, (B, 1, h', w')."""
-
-    def __init__(self, ch=64, n_layers=3):
-        super().__init__()
-        layers, c = [nn.Conv2d(3, ch, 4, 2, 1), nn.LeakyReLU(0.2)], ch
-        for i in range(1, n_layers + 1):
-            c_next = ch * min(2 ** i, 8)
-            stride = 2 if i < n_layers else 1
-            layers += [nn.Conv2d(c, c_next, 4, stride, 1, bias=False), nn.BatchNorm2d(c_next),
-                       nn.LeakyReLU(0.2)]
-            c = c_next
-        layers.append(nn.Conv2d(c, 1, 4, 1, 1))
-        self.main = nn.Sequential(*layers)
-        for m in self.modules():   # the DCGAN init that VQGAN uses
-            if isinstance(m, nn.Conv2d):
-                nn.init.normal_(m.weight, 0.0, 0.02)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.normal_(m.weight, 1.0, 0.02)
-                nn.init.zeros_(m.bias)
-
-    def forward(self, x):
-        return self.main(x)
-
-
-def hinge_d_loss(logits_real, logits_fake):
-    """Discriminator hinge loss: 1/2 (E[relu(1 - D(x))] + E[relu(1 + D(x_hat))])."""
-    return 0.5 * (F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean())
-
-
-def adaptive_gan_weight(rec_loss, g_loss, last_layer, max_weight=1e4):
-    """VQGAN's balance: ||grad_last rec_loss|| / (||grad_last g_loss|| + 1e-4), clamped."""
-    rec_grad, = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)
-    g_grad, = torch.autograd.grad(g_loss, last_layer, retain_graph=True)
-    return (rec_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0, max_weight).detach()
-
-
-class LPIPS(nn.Module):
-    """LPIPS perceptual distance (Zhang et al. 2018) on VGG-16: unit-normalise the channels of
-    5 ReLU feature maps, square the difference, weight channels by a learnt 1x1 conv, average
-    over space, sum over layers. Weights are loaded by path: torchvision's `vgg16-397923af.pth`
-    (keys `features.N.*`) and LPIPS' `vgg.pth` (keys `linL.model.1.weight`). Frozen."""
-
-    cfg = (64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M', 512, 512, 512, 'M', 512, 512, 512)
-
-    def __init__(self):
-        super().__init__()
-        layers, c, self.taps = [], 3, []
-        for v in self.cfg:
-            if v == 'M':
-                self.taps.append(len(layers) - 1)         # the ReLU just before each pooling
-                layers.append(nn.MaxPool2d(2, 2))
-            else:
-                layers += [nn.Conv2d(c, v, 3, padding=1), nn.ReLU()]
-                c = v
-        self.taps.append(len(layers) - 1)
-        self.features = nn.Sequential(*layers)
-        self.lins = nn.ParameterList([nn.Parameter(torch.ones(1, c, 1, 1) / c)
-                                      for c in (64, 128, 256, 512, 512)])
-        self.register_buffer('shift', torch.tensor([-.030, -.088, -.188]).view(1, 3, 1, 1), False)
-        self.register_buffer('scale', torch.tensor([.458, .448, .450]).view(1, 3, 1, 1), False)
-        self.requires_grad_(False)
-
-    def load(self, vgg_path, lin_path):
-        vgg = torch.load(vgg_path, map_location='cpu', weights_only=True)
-        self.features.load_state_dict({k[len('features.'):]: v for k, v in vgg.items()
-                                       if k.startswith('features.')}, strict=True)
-        lin = torch.load(lin_path, map_location='cpu', weights_only=True)
-        for i, p in enumerate(self.lins):
-            p.data.copy_(lin[f'lin{i}.model.1.weight'])
-        return self
-
-    def forward(self, x, y):
-        """x, y (B, 3, H, W) in [-1, 1] -> per-image distance (B,)."""
-        h = torch.cat([x, y]).sub(self.shift).div(self.scale)                     # (2B, 3, H, W)
-        dist_sum, taps = 0.0, iter(self.lins)
-        for i, layer in enumerate(self.features):
-            h = layer(h)
-            if i in self.taps:
-                n = h / (h.square().sum(1, keepdim=True).sqrt() + 1e-10)      # unit channels
-                a, b = n.chunk(2)
-                dist_sum = dist_sum + ((a - b).square() * next(taps)).sum(1).mean((1, 2))
-                if i == self.taps[-1]:
-                    break
-        return dist_sum

@@ -1,0 +1,68 @@
+"""
+Where the code runs: the device, and the processes of a `torchrun` job.
+
+Every entry point (train.py, sample.py, fid.py, tokenizer.py, kmeans.py) starts with
+`device, rank, world = dist.setup(args.device)` and ends with `dist.cleanup()`; nothing else in
+the repo reads RANK or picks a device. Plain `python script.py` is one process (rank 0 of 1);
+under `torchrun` every process joins one group, NCCL on GPUs and gloo on CPU (so DDP can be
+tested on any machine), and takes the GPU of its LOCAL_RANK.
+
+    torchrun --standalone --nproc_per_node=8 train.py ...     # 8 GPUs, one machine
+    torchrun --nproc_per_node=2 train.py --device cpu ...     # 2 CPU processes (gloo)
+"""
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def best_device(mps=True):
+    """cuda, else Apple's mps (if allowed: it has no float64, which K-Means sums in), else cpu."""
+    if torch.cuda.is_available():
+        return 'cuda'
+    return 'mps' if mps and torch.backends.mps.is_available() else 'cpu'
+
+
+def setup(device='', mps=True):
+    """The device (`device`, or the best available) and, under torchrun, the process group.
+    Returns (device, rank, world); device is e.g. 'cuda:3' for the process of LOCAL_RANK 3."""
+    device = device or best_device(mps)
+    if 'RANK' not in os.environ:
+        return device, 0, 1
+    if torch.device(device).type == 'cuda':
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
+    return device, dist.get_rank(), dist.get_world_size()
+
+
+def rank_world():
+    """(rank, world) of this process: (0, 1) outside torchrun."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def all_gather_rows(t):
+    """Concatenate the tensors (n_r, ...) of all ranks along dim 0 in rank order (n_r may vary)."""
+    rank, world = rank_world()
+    if world == 1:
+        return t
+    n = torch.tensor([t.shape[0]], device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    pad = t.new_zeros((max(sizes) - t.shape[0], *t.shape[1:]))
+    out = [t.new_empty((max(sizes), *t.shape[1:])) for _ in range(world)]
+    dist.all_gather(out, torch.cat([t, pad]))
+    return torch.cat([o[:s] for o, s in zip(out, sizes)])
+
+
+def barrier():
+    """Wait for every rank (nothing to wait for in one process)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def cleanup():
+    """Leave the process group (torchrun with one process included: NCCL warns otherwise)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
