@@ -1,15 +1,15 @@
 """
-Images in, (image, label, n_bad) out: an ImageNet-style folder reader and a built-in procedural
+Images in, (image, label, bad) out: an ImageNet-style folder reader and a built-in procedural
 dataset, so every stage also runs offline. image is float32 (3, H, W) in [-1, 1] (x/255*2-1, VAR's
-normalize_01_into_pm1); n_bad counts the unreadable files skipped to produce the sample, so the
-training loop can sum it exactly across DataLoader workers and DDP ranks.
+normalize_01_into_pm1); bad = (index, n): the n files from the sample's own on were unreadable and
+skipped, which BadFiles counts once per file across epochs, DataLoader workers and ranks.
 
 ImageFolder reproduces official VAR's transform (utils/data.py) with PIL only, no torchvision:
 shorter side to round(mid_reso * resolution) with LANCZOS, random (train) or center (eval) crop,
 optional horizontal flip in training. Deviations from torchvision's ImageFolder: every PIL mode
 becomes RGB (alpha composited onto white, 16-bit and float rescaled, not clipped); hidden files
-and folders are ignored; empty and non-image files are skipped with one warning; a corrupt file
-never crashes an epoch (the next file is used instead).
+and folders are ignored; empty and non-image files are skipped with one warning; files are
+listed once (links, loops); a corrupt file never crashes an epoch (the next file is used instead).
 ProceduralDataset: class-conditional images with structure at three scales (background layout,
 a shape, a fine texture), rendered on the fly from (seed, index). Select it with --data builtin.
 ShardedSampler / endless_batches: each rank's share of a per-epoch permutation, resumable
@@ -18,6 +18,7 @@ mid-epoch from a saved cursor.
     python data.py    # writes procedural_grid.png: 4 samples of each of the 10 classes
 """
 import colorsys
+import heapq
 import math
 import os
 import warnings
@@ -27,6 +28,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+import checkpoint
 import dist
 
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm',
@@ -61,24 +63,39 @@ def _class_folders(root):
     return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith('.'))
 
 
-def list_images(folder):
-    """(sorted image paths under folder, recursively; other files: wrong extension or 0 bytes)."""
-    good, skipped = [], []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith('.')]
-        for name in filenames:
-            path = os.path.join(dirpath, name)
-            if name.startswith('.'):
-                continue  # .DS_Store and friends are not data
-            is_image = name.lower().endswith(IMG_EXTENSIONS) and os.path.isfile(path)
-            (good if is_image and os.path.getsize(path) > 0 else skipped).append(path)
-    return sorted(good), sorted(skipped)
+def list_images(folder, exclude=()):
+    """Each image file under folder once (each folder entered once), by its path with the fewest
+    symlinks, then folders, then the first in sorted order: loops end, links never shadow real
+    paths; files of `exclude` are left out; one warning names the skips. -> (sorted image paths,
+    sorted other files: wrong extension or 0 bytes, {(inode, device): (path, top folder)})."""
+    heap, entered, other, repeats = [(0, 0, folder, '')], {}, [], []
+    images = dict.fromkeys(exclude, ((-1,), ''))  # always the better path: left out below
+    while heap:  # (symlinks on the path, depth, path, top): the smallest first
+        links, depth, path, top = heapq.heappop(heap)
+        if entered.setdefault(os.stat(path)[1:3], path) != path:  # (inode, device): entered
+            repeats.append(path)  # a symlink loop, or a second link to a folder
+            continue
+        for e in (e for e in os.scandir(path) if not e.name.startswith('.')):  # hidden: not data
+            key = (links + e.is_symlink(), depth + 1, e.path)
+            if e.is_dir():
+                heapq.heappush(heap, (*key, top or e.name))
+            elif e.name.lower().endswith(IMG_EXTENSIONS) and e.is_file() and e.stat().st_size:
+                fid = os.stat(e.path)[1:3]  # (inode, device); e.stat() has none on Windows
+                new, old = (key, top), images.get(fid)
+                images[fid] = min(new, old or new)  # a second path to a file: the better one
+                repeats += [max(new, old)[0][2]] if old else []
+            else:
+                other.append(e.path)
+    if repeats:  # symlink loops, links to folders or files listed already (or held out)
+        warnings.warn(f'{folder}: skipped {len(repeats)} repeats (loops, links): {repeats[:3]}')
+    images = {fid: (key[2], top) for fid, (key, top) in images.items() if fid not in exclude}
+    return sorted(p for p, _ in images.values()), sorted(other), images
 
 
 class ImageFolder(torch.utils.data.Dataset):
     """Class sub-folders of root give the labels (sorted names); a flat folder is unlabeled."""
 
-    def __init__(self, root, resolution, train=True, hflip=False, mid_reso=1.125):
+    def __init__(self, root, resolution, train=True, hflip=False, mid_reso=1.125, exclude=()):
         if not os.path.isdir(root):
             raise FileNotFoundError(f'image folder not found: {root}')
         assert mid_reso >= 1, 'the resized image must cover the crop'
@@ -87,40 +104,34 @@ class ImageFolder(torch.utils.data.Dataset):
         classes = _class_folders(root)
         self.class_names = classes or ['unlabeled']
         self.num_classes = len(self.class_names)
-        self.samples = []  # (path, label), the order is deterministic
-        if classes:
-            # loose files next to the class folders have no label: skip them
-            skipped = [e.path for e in os.scandir(root) if e.is_file() and e.name[0] != '.']
-            for label, name in enumerate(classes):
-                good, bad = list_images(os.path.join(root, name))
-                self.samples += [(path, label) for path in good]
-                skipped += bad
-        else:
-            good, skipped = list_images(root)
-            self.samples = [(path, 0) for path in good]
+        labels = {name: i for i, name in enumerate(classes)} if classes else {'': 0}
+        _, skipped, images = list_images(root, exclude)  # exclude: the held-out split's files
+        self.empty_files = sorted(p for p in skipped if p.lower().endswith(IMG_EXTENSIONS))
+        skipped += [p for p, top in images.values() if top not in labels]  # loose files
+        self.samples = sorted(((p, labels[top]) for p, top in images.values() if top in labels),
+                              key=lambda s: (s[1], s[0]))  # (path, label) by label, then path
         self.num_skipped_at_scan = len(skipped)
         if skipped:
             warnings.warn(f'{root}: skipped {len(skipped)} empty or non-image files '
-                          f'(e.g. {skipped[0]}); image extensions are {IMG_EXTENSIONS}')
+                          f'(e.g. {min(skipped)}); image extensions are {IMG_EXTENSIONS}')
+        empty = sorted(set(classes) - {self.class_names[y] for _, y in self.samples})
+        if empty:  # kept as classes: the labels follow the sorted folder names
+            warnings.warn(f'{root}: class folders without images (still classes): {empty}')
         if not self.samples:
             raise RuntimeError(f'no images found in {root} (looked for {IMG_EXTENSIONS})')
-        self._warned = set()  # bad paths already reported by this process
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, index):
-        # a file that fails to decode is replaced by the next one; n_bad counts the failures
-        for n_bad in range(len(self.samples)):
-            path, label = self.samples[(index + n_bad) % len(self.samples)]
+        """(image (3, H, W), label, bad = (index, n)): n unreadable files from index on skipped."""
+        for n in range(len(self.samples)):
+            path, label = self.samples[(index + n) % len(self.samples)]
             try:
                 img = load_rgb(path)
-            except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, zlib.error...
-                if path not in self._warned:
-                    self._warned.add(path)
-                    warnings.warn(f'skipping unreadable image {path}: {type(e).__name__}: {e}')
+            except Exception:  # PIL raises OSError, SyntaxError, ValueError, zlib.error...
                 continue
-            return self.transform(img), label, n_bad
+            return self.transform(img), label, torch.tensor([index, n])
         raise RuntimeError(f'all {len(self.samples)} files in {self.root} failed to load')
 
     def transform(self, img):
@@ -140,6 +151,41 @@ class ImageFolder(torch.utils.data.Dataset):
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         x = torch.from_numpy(np.asarray(img, dtype=np.float32))  # (H, W, 3) in [0, 255]
         return (x.permute(2, 0, 1) / 255 * 2 - 1).contiguous()  # (3, H, W) in [-1, 1]
+
+
+class BadFiles:
+    """The unreadable files met, by path: each counted and warned about (by rank 0) once, however
+    many epochs, DataLoader workers and ranks meet it. Feed it each batch's bad; 0-byte image
+    files count from the start. state: an earlier sync() (an old checkpoint's int: dropped)."""
+
+    def __init__(self, dataset, state=()):
+        self.dataset, self.rank = dataset, dist.rank_world()[0]
+        self.paths = set(state) if isinstance(state, (list, tuple)) else set()
+        self.add(getattr(dataset, 'empty_files', []))
+
+    def update(self, bad):
+        """Add the files of bad (B, 2): rows (i, n), the n samples from i on (wrapping around)."""
+        s = getattr(self.dataset, 'samples', None)  # None: no files, n is always 0
+        self.add(s[(i + k) % len(s)][0] for i, n in bad.reshape(-1, 2).tolist() for k in range(n))
+
+    def sync(self):
+        """All ranks' files, a sorted list (a collective call: all ranks, at the same point)."""
+        everyone = [None] * dist.rank_world()[1]
+        if len(everyone) > 1:
+            torch.distributed.all_gather_object(everyone, sorted(self.paths))
+            self.add(p for paths in everyone for p in paths)
+        return sorted(self.paths)
+
+    def add(self, paths):
+        for path in sorted(set(paths) - self.paths):
+            self.paths.add(path)
+            if self.rank == 0:  # the reason, read once more here: workers no longer warn
+                try:
+                    load_rgb(path)
+                    why = 'it failed once and reads now (an I/O error?)'
+                except Exception as e:
+                    why = f'{type(e).__name__}: {e}'
+                warnings.warn(f'skipping unreadable image {path}: {why}')
 
 
 # -----------------------------------------------------------------------------
@@ -207,7 +253,7 @@ class ProceduralDataset(torch.utils.data.Dataset):
         label = index % self.num_classes  # exactly balanced classes
         img = self.render(self.specs[label], rng)  # (H, W, 3) in [0, 1]
         x = torch.from_numpy(img).permute(2, 0, 1)  # (3, H, W)
-        return (x * 2 - 1).contiguous(), label, 0
+        return (x * 2 - 1).contiguous(), label, torch.tensor([index, 0])  # no bad files
 
     def render(self, spec, rng):
         """One image (H, W, 3) float32 in [0, 1], quantised to 8 bits like a decoded PNG."""
@@ -256,8 +302,8 @@ def build_dataset(data, resolution, train, hflip=False, seed=0, size=None):
     data='builtin': ProceduralDataset with seed (train) or seed+1 (val), size 10000 / 1000.
     Otherwise a folder: data/train and data/val if both exist (same class folders), else data
     itself, whose every HOLDOUT_EVERY-th file (sorted by class then path: 2%, stratified) is the
-    val split and is never used for training. size, if given, keeps that many evenly spaced files.
-    seed only matters for 'builtin'.
+    val split, never trained on (nor is a train/ file also in val/; files count once, before
+    splitting). size, if given, keeps that many evenly spaced files; seed: for 'builtin' only.
     """
     if data == 'builtin':
         size = size or (10000 if train else 1000)
@@ -265,7 +311,8 @@ def build_dataset(data, resolution, train, hflip=False, seed=0, size=None):
     if not os.path.isdir(data):
         raise FileNotFoundError(f"--data {data!r} is not a folder (or use 'builtin')")
     if os.path.isdir(os.path.join(data, 'train')) and os.path.isdir(os.path.join(data, 'val')):
-        ds = ImageFolder(os.path.join(data, 'train' if train else 'val'), resolution, train, hflip)
+        ds = ImageFolder(os.path.join(data, 'train' if train else 'val'), resolution, train, hflip,
+                         exclude=list_images(os.path.join(data, 'val'))[2] if train else ())
         if ds.class_names != (_class_folders(os.path.join(data, 'train')) or ['unlabeled']):
             raise ValueError(f'{data}/val must have the same class folders as {data}/train')
     else:
@@ -318,7 +365,7 @@ def endless_batches(dataset, batch_size, num_workers, rank, world, seed, epoch=0
 # the data as the tokens of a frozen tokenizer
 
 class TokenDataset(torch.utils.data.Dataset):
-    """Cached token sequences (N, L) with labels, served like images: (tokens, label, 0)."""
+    """Cached token sequences (N, L) with labels, served like images: (tokens, label, (i, 0))."""
 
     def __init__(self, tokens, labels):
         self.tokens, self.labels = tokens, labels
@@ -327,7 +374,7 @@ class TokenDataset(torch.utils.data.Dataset):
         return len(self.tokens)
 
     def __getitem__(self, i):
-        return self.tokens[i].long(), self.labels[i], 0
+        return self.tokens[i].long(), self.labels[i], torch.tensor([i, 0])
 
 
 def tokenizer_key(config, tensors):
@@ -344,16 +391,22 @@ def tokenize(encode, key, dataset, path, args, device, limit=None):
     n = min(len(dataset), limit or len(dataset))
     key = dict(key, n=n, data=args.data, resolution=args.resolution)
     if os.path.exists(path):   # reused only if made by the same tokenizer from the same data
-        cache = torch.load(path, map_location='cpu', weights_only=True)
+        try:
+            cache = checkpoint.load(path, 'token cache')
+        except SystemExit as e:   # unreadable: made again
+            warnings.warn(f'{e}; tokenizing again')
+            cache = {}
         if cache.get('key') == key:
             return TokenDataset(cache['tokens'], cache['labels'])
     mine = range(rank, n, world)                       # this rank: items rank, rank + world, ...
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine), args.batch_size,
                                          num_workers=args.num_workers)
-    tokens, labels = [], []
-    for img, label, _ in tqdm(loader, desc=f'tokenizing {n} images', disable=rank != 0):
+    tokens, labels, bad_files = [], [], BadFiles(dataset)
+    for img, label, bad in tqdm(loader, desc=f'tokenizing {n} images', disable=rank != 0):
         tokens.append(encode(img.to(device)).cpu())                                 # (B, L)
         labels.append(label)
+        bad_files.update(bad)
+    bad_files.sync()   # each unreadable file warned about once, by rank 0
     tokens, labels = torch.cat(tokens), torch.cat(labels)
     if world > 1:   # every rank's items, in rank order, each put back at its index
         order = torch.cat([torch.arange(r, n, world) for r in range(world)])          # (n,)
@@ -361,20 +414,12 @@ def tokenize(encode, key, dataset, path, args, device, limit=None):
         tokens, labels = [torch.empty_like(g).index_copy_(0, order, g) for g in gathered]
     dtype = torch.int16 if tokens.max() <= 32767 else torch.int32
     if rank == 0:
-        save_atomic(dict(tokens=tokens.to(dtype), labels=labels, key=key), path)
+        checkpoint.save(dict(tokens=tokens.to(dtype), labels=labels, key=key), path)
     return TokenDataset(tokens.to(dtype), labels)
 
 
 # -----------------------------------------------------------------------------
 # saving
-
-def save_atomic(obj, path):
-    """torch.save through a temporary file and a rename: a crash while writing leaves the
-    previous file intact."""
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    torch.save(obj, path + '.tmp')
-    os.replace(path + '.tmp', path)
-
 
 def to_uint8(images):
     """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8 numpy, rounding: inverse of x/255*2-1."""

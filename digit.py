@@ -28,6 +28,7 @@ from dataclasses import asdict
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import data
 import gpt
 import tokenizer
@@ -125,6 +126,7 @@ class GPTTraining:
     defaults = RECIPE
     no_decay = ('class_emb', 'wpe')
     picture_name = 'samples'
+    frozen = ('tokenizer',)
     add_args = staticmethod(add_args)
 
     @staticmethod
@@ -135,7 +137,6 @@ class GPTTraining:
         self.args, self.run = args, run
         self.train_set, self.val_set = train_set, val_set
         tok = load_tokenizer(args.tokenizer, run.device)
-        self.saved = dict(tokenizer=args.tokenizer)
         cache_tokens(self, tok.encode, token_key(tok), args, run)
         n = min(len(self.val_set), 1000)
         images = torch.stack([val_set[i][0] for i in range(n)])                   # (n, 3, H, W)
@@ -171,6 +172,7 @@ class Stage2Training:
     defaults = dict(RECIPE, vae='out/vqvae_1scale/ckpt.pt')
     no_decay = ('class_emb', 'wpe')
     picture_name = 'samples'
+    frozen = ('tokenizer', 'vae')
     add_args = staticmethod(lambda parser: None)   # DiGIT's flags come with GPTTraining
 
     @staticmethod
@@ -186,7 +188,6 @@ class Stage2Training:
             raise SystemExit(f'--vae {args.vae} has {len(vae.config.patch_nums)} scales; '
                              'stage 2 needs one: python train.py --model vqvae --patch_nums '
                              '8 --out_dir out/vqvae_1scale')
-        self.saved = dict(tokenizer=args.tokenizer, vae=args.vae)
         key = dict(token_key(tok), vae=data.tokenizer_key(asdict(vae.config), vae.parameters()))
         encode = lambda img: torch.cat((tok.encode(img), vae.img_to_idx(img)[0]), 1)  # (B, S+L)
         cache_tokens(self, encode, key, args, run)
@@ -229,6 +230,7 @@ class ProbeTraining:
                     warmup_iters=0, max_iters=300, total_batch_size=64, batch_size=64)
     no_decay = ()
     picture_name = None
+    frozen = ('gpt',)
     add_args = staticmethod(lambda parser: None)   # --gpt comes with GPTTraining
 
     @staticmethod
@@ -241,12 +243,11 @@ class ProbeTraining:
         if not os.path.exists(args.gpt):
             raise SystemExit(f'--gpt {args.gpt} not found: train one (python train.py '
                              '--model gpt)')
-        self.probed = torch.load(args.gpt, map_location='cpu', weights_only=True)
+        self.probed = checkpoint.load(args.gpt, '--gpt')
         if self.probed.get('kind') != 'gpt':
             raise SystemExit(f"--gpt {args.gpt} holds a {self.probed.get('kind')} run, not a gpt")
         args.tokenizer = self.probed['tokenizer']   # the GPT's own tokenizer
         tok = load_tokenizer(args.tokenizer, run.device)
-        self.saved = dict(tokenizer=args.tokenizer)
         cache_tokens(self, tok.encode, token_key(tok), args, run)
         self.config = dict(gpt=self.probed['config'], num_classes=train_set.num_classes)
 

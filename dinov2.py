@@ -28,6 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checkpoint
+
 # ImageNet statistics: DINOv2 and DiGIT normalise [0, 1] images with these before the ViT
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -267,7 +269,7 @@ class DINOv2(nn.Module):
         `w12` keys, heads = C / 64. The pos_embed interpolation is not in the weights: it follows
         the hub (offset 0.1 without registers, antialias with); pass overrides to change it,
         e.g. DiGIT ran vitb14_reg4 with interpolate_offset=0.1, interpolate_antialias=False."""
-        state = torch.load(path, map_location='cpu', weights_only=True)
+        state = checkpoint.load(path, 'DINOv2 weights')
         if not isinstance(state, dict) or 'cls_token' not in state:
             keys = list(state)[:5] if isinstance(state, dict) else type(state).__name__
             raise ValueError(f'{path} is not a DINOv2 state dict (no cls_token; starts {keys})')

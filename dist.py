@@ -23,10 +23,14 @@ def best_device(mps=True):
     return 'mps' if mps and torch.backends.mps.is_available() else 'cpu'
 
 
-def setup(device='', mps=True):
+def setup(device='', mps=True, tf32=False):
     """The device (`device`, or the best available) and, under torchrun, the process group.
-    Returns (device, rank, world); device is e.g. 'cuda:3' for the process of LOCAL_RANK 3."""
+    tf32: TF32 matmuls and convolutions on CUDA (faster, not bit-reproducible across GPUs; the
+    official VAR code's setting). Returns (device, rank, world); device is e.g. 'cuda:3' for
+    the process of LOCAL_RANK 3."""
     device = device or best_device(mps)
+    if tf32 and torch.device(device).type == 'cuda':
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if 'RANK' not in os.environ:
         return device, 0, 1
     if torch.device(device).type == 'cuda':

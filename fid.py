@@ -28,6 +28,7 @@ import argparse
 import os
 import warnings
 import zipfile
+import zlib
 
 import numpy as np
 import torch
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+import cli
 import dist
 from data import list_images, load_rgb
 from inception import WEIGHTS_NAME, load_inception
@@ -102,32 +104,46 @@ def center_crop(img, size):
 # -----------------------------------------------------------------------------
 # inputs: .npz of uint8 images (ADM's arr_0, what sample.py writes) and image folders
 
+DAMAGED = (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error)  # a bad .npz raises
+
+
 def npz_images(path):
-    """(file handle, N, H, W) of the uint8 (N, H, W, 3) array `arr_0` in an .npz, read lazily:
-    ADM's 50k samples at 256 px are 10 GB. Raises ValueError if it holds no such images."""
-    z = zipfile.ZipFile(path)
-    if 'arr_0.npy' not in z.namelist():
-        raise ValueError(f'fid: {path} has no arr_0 (uint8 images), keys: {z.namelist()}')
-    f = z.open('arr_0.npy')
-    version = np.lib.format.read_magic(f)
-    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                   else np.lib.format.read_array_header_2_0)
-    shape, fortran, dtype = read_header(f)
+    """(file handle, N, H, W) of the uint8 (N, H, W, 3) array `arr_0` in an .npz, read lazily
+    (ADM's 50k samples at 256 px are 10 GB); SystemExit naming the file if it has none."""
+    try:
+        z = zipfile.ZipFile(path)
+        if 'arr_0.npy' not in z.namelist():
+            raise SystemExit(f'fid: {path} has no arr_0 (uint8 images), keys: {z.namelist()}')
+        f = z.open('arr_0.npy')
+        version = np.lib.format.read_magic(f)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, fortran, dtype = read_header(f)
+    except DAMAGED as e:
+        raise SystemExit(f'fid: {path}: arr_0 does not read ({type(e).__name__}: {e})') from None
     if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or fortran:
-        raise ValueError(f'fid: {path} arr_0 is {dtype} {shape}; expected uint8 (N, H, W, 3) '
+        raise SystemExit(f'fid: {path} arr_0 is {dtype} {shape}; expected uint8 (N, H, W, 3) '
                          f'images as sample.py and the ADM evaluator write')
     return f, shape[0], shape[1], shape[2]
 
 
 def npz_batches(path, start, stop, batch_size):
-    """uint8 (b, H, W, 3) numpy batches of rows start..stop of arr_0, streamed from the zip."""
+    """uint8 (b, H, W, 3) numpy batches of rows start..stop of arr_0, streamed from the zip;
+    SystemExit naming the file if it is truncated or corrupt."""
     f, n, h, w = npz_images(path)
     row = h * w * 3
-    f.seek(f.tell() + start * row)
-    for i in range(start, stop, batch_size):
-        b = min(batch_size, stop - i)
-        yield np.frombuffer(f.read(b * row), np.uint8).reshape(b, h, w, 3)
-    f.close()
+    try:
+        f.seek(f.tell() + start * row)
+        for i in range(start, stop, batch_size):
+            b = min(batch_size, stop - i)
+            buf = f.read(b * row)
+            if len(buf) < b * row:
+                raise EOFError(f'the file ends within image {i + len(buf) // row} of {n}')
+            yield np.frombuffer(buf, np.uint8).reshape(b, h, w, 3)
+    except DAMAGED as e:
+        raise SystemExit(f'fid: {path} is damaged: {type(e).__name__}: {e}') from None
+    finally:
+        f.close()
 
 
 class ImageFiles(torch.utils.data.Dataset):
@@ -213,7 +229,7 @@ def extract(model, batches, mode, device, total=None, desc='features'):
         n_bad = int(bad.item())
         pool_m.all_reduce()
         spatial_m.all_reduce()
-    if pool_m.n < 2048:
+    if 0 < pool_m.n < 2048:   # none: read_input's error
         warnings.warn(f'fid: only {pool_m.n} images: the 2048 x 2048 covariance is singular and '
                       f'FID is biased upwards; the standard is 50000 samples')
     (mu, sigma), (mu_s, sigma_s) = pool_m.mean_cov(), spatial_m.mean_cov()
@@ -282,6 +298,53 @@ def precision_recall(ref, samples, k=3, device='cpu'):
 # -----------------------------------------------------------------------------
 # command line
 
+STATS = {'mu': (2048,), 'sigma': (2048, 2048), 'mu_s': (2023,), 'sigma_s': (2023, 2023)}
+
+
+def read_npz(path, mode):
+    """The keys of the .npz `path` and its statistics (mu, sigma[, mu_s, sigma_s], n, mode):
+    SystemExit with one line naming the file if it is not an .npz, or its statistics are
+    incomplete, of other shapes, not finite or of another preprocessing mode than `mode`."""
+    if not os.path.isfile(path):
+        raise SystemExit(f'fid: not found: {path}')
+    with open(path, 'rb') as f:
+        if f.read(4) != b'PK\x03\x04':   # every .npz is a zip archive
+            raise SystemExit(f'fid: {path} is not an .npz (a zip archive) nor an image folder')
+    try:
+        with np.load(path) as f:
+            keys = set(f.files)
+            stats = {k: f[k] for k in (*STATS, 'n', 'mode') if k in keys}
+    except DAMAGED as e:
+        raise SystemExit(f'fid: {path} does not read ({type(e).__name__}: {e})') from None
+    if 'mode' in stats and str(stats['mode']) != mode:
+        raise SystemExit(f'fid: {path} holds statistics of mode {stats["mode"]}, not {mode}')
+    if 'arr_0' not in keys and 'mu' not in keys:
+        raise SystemExit(f'fid: {path} holds neither images (arr_0) nor statistics (mu, sigma); '
+                         f'keys: {sorted(keys)}')
+    for pair in (('mu', 'sigma'), ('mu_s', 'sigma_s')):
+        for k in pair if any(k in stats for k in pair) else ():
+            a = stats.get(k)
+            if a is None or a.shape != STATS[k] or a.dtype.kind not in 'fi' or \
+                    not np.isfinite(a).all():
+                got = 'missing' if a is None else f'{a.dtype} {a.shape}'
+                raise SystemExit(f'fid: {path}: statistics {k} is {got}, expected finite '
+                                 f'{STATS[k]}')
+    return keys, stats
+
+
+def checked(out, path, model):
+    """extract()'s result for the input `path`, or SystemExit: no image of it could be read, or
+    the network gave NaN or inf (broken weights), which would print 'IS nan'."""
+    if out['n'] == 0:
+        raise SystemExit(f'fid: no image of {path} could be read ({out["n_bad"]} unreadable)')
+    bad = [k for k in ('pool', 'logits', 'mu', 'sigma', 'mu_s', 'sigma_s')
+           if not np.isfinite(out[k]).all()]
+    if bad:
+        raise SystemExit(f'fid: the Inception network gave NaN or inf {bad[0]} on {path}; '
+                         f'its weights: {getattr(model, "weights", "given")}')
+    return out
+
+
 def read_input(path, model, args, images=True):
     """path: statistics (.npz with mu, sigma[, mu_s, sigma_s]), uint8 images (.npz with arr_0;
     ADM's reference batches hold both) or an image folder. Statistics are taken as stored; images
@@ -292,29 +355,22 @@ def read_input(path, model, args, images=True):
     if os.path.isdir(path):
         paths = list_images(path)[0]
         if not paths:
-            raise FileNotFoundError(f'fid: no images found in {path}')
+            raise SystemExit(f'fid: no images found in {path}')
         start, stop = shard(len(paths))
         loader = torch.utils.data.DataLoader(ImageFiles(paths[start:stop], args.center_crop),
                                              args.batch_size, num_workers=args.num_workers,
                                              collate_fn=list)
-        out = extract(model, loader, args.mode, args.device, len(paths), os.path.basename(path))
+        out = checked(extract(model, loader, args.mode, args.device, len(paths),
+                              os.path.basename(path)), path, model)
         return dict(out, what=f'{out["n"]} images ({out["n_bad"]} unreadable skipped)')
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'fid: not found: {path}')
-    with np.load(path) as f:
-        keys = set(f.files)
-        stats = {k: f[k] for k in ('mu', 'sigma', 'mu_s', 'sigma_s', 'n', 'mode') if k in keys}
-    if 'mode' in stats and str(stats['mode']) != args.mode:
-        raise ValueError(f'fid: {path} holds statistics of mode {stats["mode"]}, not {args.mode}')
-    if 'arr_0' not in keys and 'mu' not in keys:
-        raise ValueError(f'fid: {path} holds neither images (arr_0) nor statistics (mu, sigma); '
-                         f'keys: {sorted(keys)}')
+    keys, stats = read_npz(path, args.mode)
     what = 'statistics' if 'mu' in keys else ''
     if 'arr_0' in keys and (images or 'mu' not in keys):
         n = npz_images(path)[1]
         start, stop = shard(n)
         batches = npz_batches(path, start, stop, args.batch_size)
-        out = extract(model, batches, args.mode, args.device, n, os.path.basename(path))
+        out = checked(extract(model, batches, args.mode, args.device, n,
+                              os.path.basename(path)), path, model)
         what = ' + '.join(w for w in (what, f'{out["n"]} images') if w)
         stats = dict(out, **stats)  # stored statistics win (ADM: over all of ImageNet train)
     return dict(stats, what=what)
@@ -341,17 +397,20 @@ def main(argv=None):
     p.add_argument('--weights', default=None, help=f'{WEIGHTS_NAME} (default: '
                    '$FID_INCEPTION_WEIGHTS, then the torch hub cache)')
     p.add_argument('--download', action='store_true', help='download the weights if missing')
-    p.add_argument('--batch_size', type=int, default=100, help='images per forward')
-    p.add_argument('--num_workers', type=int, default=4, help='image folder decoding workers')
-    p.add_argument('--center_crop', type=int, default=0, help='image folders: ADM\'s centre '
-                   'crop to this size first (256 for ImageNet 256 reference statistics)')
-    p.add_argument('--split_size', type=int, default=5000, help='IS split (ADM: 5000)')
+    p.add_argument('--batch_size', type=cli.positive_int, default=100, help='images per forward')
+    p.add_argument('--num_workers', type=cli.nonneg_int, default=4, help='image decoding workers')
+    p.add_argument('--center_crop', type=cli.nonneg_int, default=0, help='image folders: ADM\'s '
+                   'centre crop to this size first (256 for ImageNet 256 reference statistics)')
+    p.add_argument('--split_size', type=cli.positive_int, default=5000, help='IS split (ADM 5000)')
     p.add_argument('--no_pr', action='store_true', help='skip precision/recall')
     p.add_argument('--save_stats', default='', help='write the samples\' statistics here')
     p.add_argument('--device', default='', help="'' = cuda, else mps, else cpu")
     args = p.parse_args(argv)
     args.device, rank, _ = dist.setup(args.device)  # torchrun: a contiguous share per rank
     main_rank = rank == 0
+    for path in filter(None, (args.samples, args.reference)):   # fail before the weights load
+        if not os.path.isdir(path):
+            read_npz(path, args.mode)
     model = load_inception(args.weights, args.device, args.download)
     samples = read_input(args.samples, model, args)
     results = {}
@@ -365,13 +424,16 @@ def main(argv=None):
             results['sFID'] = frechet_distance(samples['mu_s'], samples['sigma_s'], ref['mu_s'],
                                                ref['sigma_s'])
         if want_images and 'pool' in ref:
+            if min(len(ref['pool']), len(samples['pool'])) <= 3:   # k = 3 nearest neighbours
+                raise SystemExit('fid: precision/recall needs more than 3 images in each input; '
+                                 'pass --no_pr')
             results['precision'], results['recall'] = precision_recall(
                 ref['pool'], samples['pool'], device=args.device)
     if main_rank:
         print(f'samples   {args.samples}: {samples["what"]}')
         if args.reference:
             print(f'reference {args.reference}: {ref["what"]}')
-        print(f'Inception {WEIGHTS_NAME}, fp32, TF32 off; preprocessing {args.mode}: '
+        print(f'Inception {model.weights}, fp32, TF32 off; preprocessing {args.mode}: '
               f'{MODES[args.mode]}')
         print('  '.join(f'{k} {v:.4f}' for k, v in results.items()) or 'nothing to compare')
         if args.save_stats:

@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checkpoint
+
 
 def drop_path(x, p, training):
     """Stochastic depth: zero a sample's whole residual branch with probability p, rescale."""
@@ -381,12 +383,11 @@ class GPT(nn.Module):
                 block.attn.kv_cache = None
         return out
 
-
     @classmethod
     def from_checkpoint(cls, ckpt, kinds=('gpt', 'stage2'), use_ema=True):
         """A GPT from a train.py checkpoint (a path or its loaded dict) of one of `kinds`, with
         its EMA weights if it has them and use_ema, in eval mode."""
-        state = torch.load(ckpt, map_location='cpu', weights_only=True) if isinstance(
+        state = checkpoint.load(ckpt, 'GPT checkpoint') if isinstance(
             ckpt, (str, os.PathLike)) else ckpt
         if not isinstance(state, dict) or state.get('kind') not in kinds:
             kind = state.get('kind') if isinstance(state, dict) else type(state).__name__
@@ -394,6 +395,7 @@ class GPT(nn.Module):
         model = cls(**state['config'])
         model.load_state_dict(state['ema'] if use_ema and state.get('ema') else state['model'])
         return model.eval()
+
 
 class LinearProbe(nn.Module):
     """DiGIT's linear probe (Table 2, Fig. 3b; iGPT's protocol): a frozen GPT, and one linear

@@ -7,19 +7,25 @@ padding, Mixed_7c pools with a 3x3 max pool, BatchNorm eps 1e-3, a 1008-way fc (
 input re-normalisation). x (B, 3, 299, 299) in [-1, 1] -> pool (B, 2048), the TF 'pool_3'; with
 spatial=True also sFID's 2023 features (7 channels of Mixed_6d.branch1x1, NHWC).
 Weights: pt_inception-2015-12-05-6726825d.pth (23,885,392 floats, 472 float tensors), from a path,
-$FID_INCEPTION_WEIGHTS, the torch hub cache, or a download when asked.
+$FID_INCEPTION_WEIGHTS, the torch hub cache, or a download when asked. The file is reported under
+that name only if its sha256 starts with 6726825d (torch hub's naming rule); any other file of
+the right shapes is reported as unofficial weights, by its path. NaN or inf weights are refused.
 
     python -m pytest test_all.py -k fid     # keys, pooling quirks, loading errors
 """
+import hashlib
 import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checkpoint
+
 WEIGHTS_NAME = 'pt_inception-2015-12-05-6726825d.pth'
 WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
                + WEIGHTS_NAME)
+WEIGHTS_SHA256 = '6726825d'   # the name's suffix: the first hex digits of the file's sha256
 
 # -----------------------------------------------------------------------------
 # the FID Inception-v3 (module names = the checkpoint's keys)
@@ -168,36 +174,59 @@ def find_weights(path=None, download=False):
     path = path or os.environ.get('FID_INCEPTION_WEIGHTS')
     if path:
         if not os.path.isfile(path):
-            raise FileNotFoundError(f'FID Inception weights not found: {path}')
+            raise SystemExit(f'FID Inception weights not found: {path}')
         return path
     cache = os.path.join(torch.hub.get_dir(), 'checkpoints')
     for name in (WEIGHTS_NAME, 'weights-inception-2015-12-05-6726825d.pth'):
         if os.path.isfile(os.path.join(cache, name)):
             return os.path.join(cache, name)
     if not download:
-        raise FileNotFoundError(f'no FID Inception weights: pass --weights PATH, set '
-                                f'$FID_INCEPTION_WEIGHTS, put {WEIGHTS_NAME} in {cache}, or use '
-                                f'--download ({WEIGHTS_URL})')
+        raise SystemExit(f'no FID Inception weights: pass --weights PATH, set '
+                         f'$FID_INCEPTION_WEIGHTS, put {WEIGHTS_NAME} in {cache}, or use '
+                         f'--download ({WEIGHTS_URL})')
     os.makedirs(cache, exist_ok=True)
     torch.hub.download_url_to_file(WEIGHTS_URL, os.path.join(cache, WEIGHTS_NAME))
     return os.path.join(cache, WEIGHTS_NAME)
 
 
+def weights_name(path):
+    """WEIGHTS_NAME if the file's sha256 starts with WEIGHTS_SHA256 (the official file, under any
+    name), else 'unofficial weights PATH (sha256 ...)': what fid.py reports it used."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    sha = digest.hexdigest()
+    if sha.startswith(WEIGHTS_SHA256):
+        return WEIGHTS_NAME
+    return f'unofficial weights {path} (sha256 {sha[:8]}..., not {WEIGHTS_SHA256}...)'
+
+
 def load_inception(path=None, device='cpu', download=False):
-    """FIDInception with pytorch-fid's weights, every float tensor checked and used (its
-    num_batches_tracked, if any, is ignored); eval mode, no gradients."""
+    """FIDInception with pytorch-fid's weights, every float tensor checked (shape, finite) and
+    used (its num_batches_tracked, if any, is ignored); eval mode, no gradients. A file that
+    does not fit is SystemExit naming it. `.weights` holds weights_name(path)."""
     path = find_weights(path, download)
-    state = torch.load(path, map_location='cpu', weights_only=True)
+    state = checkpoint.load(path, 'FID Inception weights')
+    if not isinstance(state, dict):
+        raise SystemExit(f'{path} is not the FID Inception ({WEIGHTS_NAME}): it holds a '
+                         f'{type(state).__name__}, not a state dict')
     state = {k: v for k, v in state.items() if not k.endswith('num_batches_tracked')}
     model = FIDInception()
     want = {k: v.shape for k, v in model.state_dict().items()
             if not k.endswith('num_batches_tracked')}
     missing, extra = sorted(want.keys() - state.keys()), sorted(state.keys() - want.keys())
-    wrong = [f'{k} {tuple(state[k].shape)} != {tuple(s)}' for k, s in want.items()
-             if k in state and state[k].shape != s]
+    wrong = [f'{k} {tuple(getattr(state[k], "shape", ()))} != {tuple(s)}'
+             for k, s in want.items() if k in state and getattr(state[k], 'shape', ()) != s]
     if missing or extra or wrong:
-        raise RuntimeError(f'{path} is not the FID Inception ({WEIGHTS_NAME}): '
-                           f'{len(missing)} missing keys {missing[:3]}, {len(extra)} unexpected '
-                           f'{extra[:3]}, {len(wrong)} wrong shapes {wrong[:3]}')
+        raise SystemExit(f'{path} is not the FID Inception ({WEIGHTS_NAME}): '
+                         f'{len(missing)} missing keys {missing[:3]}, {len(extra)} unexpected '
+                         f'{extra[:3]}, {len(wrong)} wrong shapes {wrong[:3]}')
+    broken = [k for k in want   # min and max hold NaN or inf if any entry does: fast
+              if not torch.isfinite(torch.stack(torch.aminmax(state[k].float()))).all()]
+    if broken:
+        raise SystemExit(f'FID Inception weights {path}: {len(broken)} tensors hold NaN or inf, '
+                         f'e.g. {broken[0]}')
     model.load_state_dict(state, strict=False)  # only num_batches_tracked stays unset
+    model.weights = weights_name(path)
     return model.to(device).eval().requires_grad_(False)

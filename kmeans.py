@@ -1,7 +1,7 @@
 """
-Lloyd K-Means in plain torch (CPU or GPU, optionally over torch.distributed): the tokenizer of
-DiGIT (Zhu et al., NeurIPS 2024), which clusters the patch features of a frozen
-self-supervised ViT into K centroids and uses the index of the nearest centroid as the token.
+Lloyd K-Means in plain torch (CPU or GPU, optionally torch.distributed), the tokenizer of DiGIT
+(Zhu et al., NeurIPS 2024): K centroids of a frozen self-supervised ViT's patch features; a patch's
+token is the index of its nearest centroid.
 
     init     greedy k-means++ (Arthur & Vassilvitskii 2007, sklearn's 2 + ln K local trials)
              on a random sample of 16 K points, or K random sample points ('random', faiss)
@@ -10,15 +10,14 @@ self-supervised ViT into K centroids and uses the index of the nearest centroid 
              the points whose a(x) changed: s_a(x) += x, s_a_old(x) -= x
     objective  inertia = sum_x ||x - c_a(x)||^2
 
-DiGIT ran faiss.Kmeans(d, 8192, niter=20) (random init, 256 points per centroid, CPU) and
-released the centroids as `km_8k.npy`, float32 [K, D]; `save`/`load` use that format.
-Deviations from faiss: greedy k-means++ init by default (about 15% lower inertia in our
-measurements, see shared/reference/kmeans_notes.md), an empty cluster splits the largest one with
-an additive random perturbation (faiss: multiplicative c (1 +- 1/1024) on a random donor), and an
-optional relative-tolerance stop. As in faiss, n_iter iterations are n_iter assignment passes and
-`inertia_` is that of the last one (the centroids before the last update). Distances are fp32
-with TF32 off: bf16 distances assign about 10% of points wrongly. The data is not centred.
-Letters: N points, D features, K centroids. Subsampling (as faiss) follows the KMeans class.
+DiGIT ran faiss.Kmeans(d, 8192, niter=20) (random init, 256 points per centroid, CPU) and released
+the centroids as `km_8k.npy`, float32 [K, D], the format of `save`/`load`. Deviations from faiss:
+greedy k-means++ init by default (about 15% lower inertia, shared/reference/kmeans_notes.md); an
+empty cluster splits the largest one by an additive random perturbation (faiss: c (1 +- 1/1024)
+on a random donor); an optional relative-tolerance stop. As in faiss, n_iter iterations are n_iter
+assignment passes, `inertia_` that of the last (the centroids before the last update). Distances
+are fp32, TF32 off (bf16 mis-assigns about 10% of points). The data is not centred. Letters:
+N points, D features, K centroids. Subsampling (as faiss) follows the KMeans class.
 
 Under torch.distributed every rank passes its own shard to `fit`; per-cluster sums and counts
 are all-reduced, so every rank holds identical centroids. Test: `python -m pytest test_all.py -k
@@ -34,6 +33,7 @@ import torch
 import torch.distributed
 import torch.nn.functional as F
 
+import cli
 import dist
 
 
@@ -47,9 +47,8 @@ def sq_dists(x, c, c_sq=None):
 
 
 def row_min(d, block=64):
-    """torch.min(d, 1) (first index among ties) for d (n, K), 3x faster on CPU where only amin is
-    vectorised: the amin of each run of `block` columns, the argmin over these K/block minima, then
-    the min with index within the winning run. -> values (n,), indices (n,) int64."""
+    """torch.min(d, 1) of d (n, K), first index on ties, 3x faster on CPU (only amin vectorises):
+    amin of each run of `block` columns, argmin over runs, min in the winning run -> (n,), (n,)."""
     n, K = d.shape
     if K % block:
         return d.min(1)
@@ -60,9 +59,8 @@ def row_min(d, block=64):
 
 
 def assign_chunk(x, c, c_sq, x_sq, out):
-    """Nearest centroid of each row: argmin_k (||c_k||^2 - 2 x.c_k), computed in the reused buffer
-    out (>= n, K); the squared distance adds ||x||^2, clamped >= 0. x (n, D), c (K, D), c_sq (K,),
-    x_sq (n,), all fp32 -> labels (n,), sq (n,)."""
+    """Nearest centroid: argmin_k (||c_k||^2 - 2 x.c_k) in the reused buffer out (>= n, K); sq adds
+    ||x||^2, clamped >= 0. x (n, D), c (K, D), c_sq (K,), x_sq (n,) fp32 -> labels, sq (n,)."""
     d = torch.addmm(c_sq[None], x, c.T, alpha=-2, out=out[:len(x)])            # (n, K)
     val, labels = row_min(d)                                                   # (n,), (n,)
     return labels, val.add_(x_sq).clamp_(min=0)
@@ -75,10 +73,9 @@ def _sq_norms(x):
 
 # ---- init: greedy k-means++ -------------------------------------------------------------------
 def kmeans_pp(x, k, n_trials, gen):
-    """Greedy k-means++ (sklearn's variant): each step draws n_trials candidates with probability
-    D(x)^2 / sum D^2 and keeps the one that lowers the potential sum_x D(x)^2 most, where D(x) is
-    the distance to the nearest centre chosen so far. x (S, D) fp32 -> (k, D); O(k L S D) flops
-    for L = n_trials, one (L, S) distance block per step."""
+    """Greedy k-means++ (sklearn's): each step draws L = n_trials candidates with probability
+    D(x)^2 / sum D^2, D(x) the distance to the nearest centre so far, and keeps the one that lowers
+    sum_x D(x)^2 most. x (S, D) fp32 -> (k, D); O(k L S D) flops, one (L, S) block per step."""
     S = x.shape[0]
     centres = x.new_empty(k, x.shape[1])                                       # (k, D)
     centres[0] = x[torch.randint(S, (1,), generator=gen).item()]
@@ -100,11 +97,10 @@ class KMeans:
 
     n_clusters K; n_iter Lloyd iterations (assignment + update); init 'k-means++' | 'random';
     tol: stop when the relative decrease of the inertia is <= tol (0 runs all n_iter); spherical:
-    unit-normalise features and centroids (cosine K-Means, ||x - c||^2 = 2 - 2 cos);
-    max_points_per_centroid: train on a random subsample of at most K * this many points (faiss:
-    256, None = all); init_sample_per_centroid: k-means++ runs on a sample of K * this many
-    points; chunk_size: rows per distance block (default `block_rows`); device: where to compute
-    (default: the data's)."""
+    cosine K-Means on unit rows (||x - c||^2 = 2 - 2 cos); max_points_per_centroid: train on a
+    random subsample of at most K * this many points (faiss: 256, None = all);
+    init_sample_per_centroid: k-means++ runs on K * this many; chunk_size: rows per distance
+    block (default `block_rows`); device: where to compute (default: the data's)."""
 
     def __init__(self, n_clusters, n_iter=20, init='k-means++', tol=1e-4, seed=0, spherical=False,
                  max_points_per_centroid=256, init_sample_per_centroid=16, chunk_size=None,
@@ -113,8 +109,7 @@ class KMeans:
         self.n_clusters, self.n_iter, self.init, self.tol = n_clusters, n_iter, init, tol
         self.seed, self.device, self.verbose = seed, device, verbose
         self.spherical, self.max_points_per_centroid = spherical, max_points_per_centroid
-        self.init_sample_per_centroid = init_sample_per_centroid
-        self.chunk_size = chunk_size
+        self.init_sample_per_centroid, self.chunk_size = init_sample_per_centroid, chunk_size
         self.centroids = None      # (K, D) float32
         self.inertia_ = None       # inertia of the last assignment (= inertia_history[-1])
         self.inertia_history = []  # [i] = inertia of the centroids after i updates
@@ -122,18 +117,15 @@ class KMeans:
 
     # ---- fit ----------------------------------------------------------------------------------
     def fit(self, data, init_centroids=None):
-        """data: a tensor or array (N, D), or an iterable of (n_i, D) chunks (e.g. memory-mapped
-        .npy shards), read once; the (sub)sample is kept in memory. Under torch.distributed every
-        rank passes its own shard. init_centroids (K, D): start Lloyd from these instead of the
-        init (the same on every rank). Returns self, with centroids (K, D) and inertia_."""
-        if isinstance(data, np.ndarray):
-            data = torch.from_numpy(data)
+        """data: a tensor or array (N, D), or an iterable of (n_i, D) chunks (e.g. .npy memmaps),
+        read once, its (sub)sample kept in memory; under torch.distributed each rank's own shard.
+        init_centroids (K, D) (the same on every rank): Lloyd starts there. Returns self."""
+        data = torch.from_numpy(data) if isinstance(data, np.ndarray) else data
         K, (rank, world) = self.n_clusters, dist.rank_world()
         mppc = self.max_points_per_centroid
         with no_tf32():
-            # all rows, or a uniform random K * mppc of them (see "subsampling" below the class)
             x, key, n_seen = _collect(data, K * mppc if mppc else None, self.seed,
-                                      self._prepare)                           # (n, D), (n,)
+                                      self._prepare)  # (n, D), (n,): all or K mppc, see below
             n = torch.tensor([len(x), n_seen], device=x.device)
             if world > 1:
                 torch.distributed.all_reduce(n)
@@ -167,9 +159,8 @@ class KMeans:
         return self
 
     def _init_centroids(self, sample, dim, init_centroids, gen):
-        """The starting centroids (K, D) fp32 from the init sample (S, D): init_centroids (K, dim)
-        if given, else greedy k-means++ with 2 + ln K local trials (sklearn's choice), else K
-        distinct random rows of the sample ('random'). Unit rows if spherical."""
+        """Starting centroids (K, D) fp32: init_centroids (K, dim) if given, else greedy k-means++
+        (2 + ln K trials, sklearn's) or K distinct rows ('random') of the init sample (S, D)."""
         K = self.n_clusters
         if init_centroids is not None:
             c = self._prepare(init_centroids, dim)                             # (K, D)
@@ -183,10 +174,9 @@ class KMeans:
         return F.normalize(c, dim=1) if self.spherical else c
 
     def _lloyd_pass(self, x, x_sq, c, labels, sums):
-        """E-step on the local rows x (n, D), x_sq = ||x||^2 (n,), and the M-step statistics summed
-        over ranks: sums (K, D) float64 becomes s_k = sum_{a(x)=k} x in place, from the rows whose
-        label differs from `labels` (None: all rows; ~1% late in a fit). Returns the labels (n,),
-        n_k (K,), sse_k = sum_{a(x)=k} ||x - c_k||^2 (K,) and the inertia sum_k sse_k (a float)."""
+        """E-step on local rows x (n, D) (x_sq = ||x||^2) and M-step statistics over ranks: sums
+        (K, D) float64 += the change of s_k = sum_{a(x)=k} x, from rows whose label is not `labels`
+        (None: all; ~1% late in a fit). -> labels (n,), n_k (K,), sse_k (K,), inertia (a float)."""
         K, D = c.shape
         buf = torch.zeros(K * D + 2 * K + 1, dtype=torch.float64, device=x.device)  # one reduce
         delta, counts, sse = buf[:K * D].view(K, D), buf[K * D:-K - 1], buf[-K - 1:-1]
@@ -225,10 +215,9 @@ class KMeans:
         return self.chunk_size or int(max(min(rows, 4096 if cpu else 65536), 256))
 
     def _update(self, c, sums, counts, sse, gen):
-        """c_k = sums_k / n_k. An empty cluster j splits the currently largest cluster i (faiss'
-        idea, deterministic): c_j = c_i + e, c_i = c_i - e, e = 0.01 rms_i u, u a random unit
-        vector, rms_i = sqrt(sse_i / n_i); n_i and sse_i are halved so the next empty picks the
-        next largest. Never leaves a NaN or zero centroid. Same result on every rank."""
+        """c_k = sums_k / n_k. An empty cluster j splits the currently largest i (faiss' idea, the
+        same on every rank): c_j, c_i = c_i +- e, e = 0.01 sqrt(sse_i / n_i) u, u a random unit
+        vector; n_i, sse_i halve, so the next empty takes the next largest. No NaN or 0 results."""
         new = c.clone()                                                        # (K, D)
         full = counts > 0
         new[full] = (sums[full] / counts[full, None]).float()
@@ -265,9 +254,7 @@ class KMeans:
     @classmethod
     def load(cls, path, **kwargs):
         """A KMeans with centroids from a [K, D] .npy; kwargs (spherical=True, ...) go to init."""
-        c = np.load(path)
-        if c.ndim != 2:
-            raise ValueError(f'kmeans: {path} holds shape {c.shape}, expected [K, D]')
+        c = read_npy(path, 'centroids')
         km = cls(c.shape[0], **kwargs)
         km.centroids = torch.from_numpy(c.astype(np.float32))                  # (K, D)
         return km
@@ -275,8 +262,7 @@ class KMeans:
     # ---- input ------------------------------------------------------------------------------
     def _prepare(self, x, dim=None):
         """Check a chunk (n, D) and return it as fp32 on self.device (unit rows if spherical)."""
-        if not torch.is_tensor(x):
-            x = torch.as_tensor(np.asarray(x))
+        x = x if torch.is_tensor(x) else torch.as_tensor(np.asarray(x))
         if x.ndim != 2 or not x.is_floating_point():
             raise ValueError(f'kmeans: features must be a 2-d float (N, D) array, got '
                              f'shape {tuple(x.shape)} dtype {x.dtype}')
@@ -288,14 +274,26 @@ class KMeans:
         return F.normalize(x, dim=1) if self.spherical else x
 
 
+def read_npy(path, what, mmap_mode=None):
+    """A finite (unless memory-mapped) 2-d float .npy (N, D), or SystemExit naming the file."""
+    try:
+        a = np.load(path, mmap_mode=mmap_mode)
+    except (OSError, ValueError, EOFError) as e:   # missing, not an .npy, truncated
+        raise SystemExit(f'{what} {path} does not read ({type(e).__name__}: {e})') from None
+    if not isinstance(a, np.ndarray) or a.ndim != 2 or a.dtype.kind != 'f' or \
+            (mmap_mode is None and not np.isfinite(a).all()):
+        held = f'{a.dtype} {a.shape}' if isinstance(a, np.ndarray) else 'an .npz archive'
+        raise SystemExit(f'{what} {path} holds {held}, not a finite 2-d float (N, D) array')
+    return a
+
+
 # ---- subsampling ------------------------------------------------------------------------------
-# With m = K * max_points_per_centroid, fit trains on the m rows with the smallest keys, a hash
-# of (global row index, seed): in effect the first m rows of a random permutation, a uniform
-# subset that depends on the rows alone, not on how they are chunked or (tensors) sharded over
-# ranks. The init sample is the K * init_sample_per_centroid of them with the smallest keys.
-# key = hash * 2^31 + (index mod 2^31): the 31-bit hash orders the keys, the index breaks ties
-# and restores data order. hash = _mix31(_mix31(hi ^ lo) ^ hi), lo the index's low 31 bits, hi
-# = (index >> 31) * _HI_MULT + seed mod _SEED_MOD + 1 (the salt).
+# With m = K * max_points_per_centroid, fit trains on the m rows with the smallest keys, a hash of
+# (global row index, seed): in effect the first m rows of a random permutation, a uniform subset
+# that depends on the rows alone, not on their chunks or (tensors) ranks. The init sample is the
+# K * init_sample_per_centroid smallest. key = hash * 2^31 + (index mod 2^31): the 31-bit hash
+# orders the keys, the index breaks ties and restores data order. hash = _mix31(_mix31(hi ^ lo) ^
+# hi), lo the index's low 31 bits, hi = (index >> 31) * _HI_MULT + seed mod _SEED_MOD + 1 (salt).
 _MASK31 = 0x7FFFFFFF      # 2^31 - 1: hash values and the key's index field are 31 bits
 _HI_MULT = 40503          # Knuth's Fibonacci-hashing multiplier: 2^16 / golden ratio, rounded
 _SEED_MOD = 65521         # the largest prime below 2^16 (as Adler-32): the seed's salt
@@ -307,9 +305,8 @@ _RANK_STRIDE = 1 << 40    # chunk iterators: rank r numbers its rows r * 2^40 + 
 
 
 def _mix31(h):
-    """A pseudo-random bijection of [0, 2^31) (each step is invertible: the LCG's multiplier is
-    odd, and h ^ (h >> 13) can be undone): the low 31 bits of h, then _MIX_ROUNDS rounds of an
-    LCG step mod 2^31 and a xorshift. h int64 tensor (n,) -> (n,) in [0, 2^31)."""
+    """Pseudo-random bijection of [0, 2^31), each step invertible (odd LCG multiplier, xorshift):
+    low 31 bits of h, then _MIX_ROUNDS x (LCG step mod 2^31, xorshift). h (n,) int64 -> (n,)."""
     h = h & _MASK31                                                            # (n,)
     for _ in range(_MIX_ROUNDS):
         h = (h * _LCG_MULT + _LCG_INC) & _MASK31  # < 2^62: no int64 overflow
@@ -318,9 +315,8 @@ def _mix31(h):
 
 
 def _row_keys(idx, seed):
-    """The key of each global row index: hash(index, seed) * 2^31 + (index mod 2^31), so rows
-    whose indices differ by less than 2^31 never share a key. idx (n,) int64 >= 0 -> (n,) int64
-    (non-negative, < 2^62)."""
+    """The key of each global row index: hash(index, seed) * 2^31 + (index mod 2^31), distinct for
+    indices less than 2^31 apart. idx (n,) int64 >= 0 -> (n,) int64 in [0, 2^62)."""
     lo = idx & _MASK31                                                         # (n,)
     hi = (idx >> 31) * _HI_MULT + seed % _SEED_MOD + 1                         # (n,) the salt
     h = _mix31(_mix31(hi ^ lo) ^ hi)                                           # (n,) 31 bits
@@ -328,13 +324,12 @@ def _row_keys(idx, seed):
 
 
 def _collect(data, m, seed, prepare):
-    """Stream `data` (a tensor (N, D), or an iterable of (n_i, D) chunks) once and keep the m
-    rows with the smallest keys (all rows if m is None); prepare(chunk, dim) checks and converts
-    each chunk. Returns the rows (n, D) in data order, their keys (n,) and the rows read here.
-    A tensor's rows are numbered globally (lower ranks first: the sample of one process); an
-    iterator's length is unknown, so rank r numbers from r * _RANK_STRIDE. Memory stays O(m):
-    past 2 m held rows _smallest cuts to the m smallest, and tau, the largest of these, filters
-    later chunks. Across ranks: keep the rows with key <= the m-th smallest of all kept keys."""
+    """Stream `data` (a tensor (N, D) or an iterable of (n_i, D) chunks) once and keep the m rows
+    of smallest key (all if m is None); prepare(chunk, dim) checks and converts each chunk. -> the
+    rows (n, D) in data order, their keys (n,), the rows read here. Row numbers: a tensor's are
+    global (lower ranks first, as one process), an iterator's (length unknown) start at rank *
+    _RANK_STRIDE. Memory stays O(m): past 2 m held rows _smallest keeps the m smallest, whose
+    largest key tau filters later chunks; across ranks: key <= the m-th smallest of all."""
     rank, world = dist.rank_world()
     chunks = [data] if torch.is_tensor(data) else data
     offset = rank * _RANK_STRIDE  # iterators: each rank numbers its rows in its own range
@@ -371,8 +366,7 @@ def _collect(data, m, seed, prepare):
 
 def _smallest(keep, m):
     """Concatenate the held (rows (n_i, D), keys (n_i,)) pairs and keep the m rows with the
-    smallest keys (in topk's order). Returns [(rows (<= m, D), keys)] and tau, the largest kept
-    key (None if no row is kept)."""
+    smallest keys (topk's order) -> [(rows (<= m, D), keys)] and tau, the largest kept or None."""
     x, key = keep[0] if len(keep) == 1 else [torch.cat(t) for t in zip(*keep)]  # (n, D), (n,)
     if len(key) > m:
         idx = torch.topk(key, m, largest=False).indices                        # (m,)
@@ -382,9 +376,8 @@ def _smallest(keep, m):
 
 
 def _init_sample(x, key, S):
-    """The init sample: the S rows with the smallest keys over all ranks, in key order, so every
-    rank (and a single process on the same data) draws the same one. x (n, D), key (n,) ->
-    (S, D); each rank contributes its own S smallest."""
+    """The init sample: the S rows of smallest key over all ranks (each gives its own S smallest),
+    in key order: the same on every rank and in one process. x (n, D), key (n,) -> (S, D)."""
     idx = torch.topk(key, min(S, len(key)), largest=False).indices             # (s,) sorted
     cand_x, cand_key = dist.all_gather_rows(x[idx]), dist.all_gather_rows(key[idx])
     return cand_x[torch.argsort(cand_key, stable=True)[:S]]                    # (S, D)
@@ -400,12 +393,10 @@ def no_tf32():
         for legacy, modern in ((torch.backends.cuda.matmul, torch.backends.cuda.matmul),
                                (torch.backends.cudnn, torch.backends.cudnn.conv)):
             try:
-                old = legacy.allow_tf32
-                legacy.allow_tf32 = False
+                old, legacy.allow_tf32 = legacy.allow_tf32, False   # read, then set
                 saved.append((legacy, 'allow_tf32', old))
             except RuntimeError:  # the caller uses the fp32_precision API; torch forbids mixing
-                old = modern.fp32_precision
-                modern.fp32_precision = 'ieee'
+                old, modern.fp32_precision = modern.fp32_precision, 'ieee'
                 saved.append((modern, 'fp32_precision', old))
         yield
     finally:
@@ -417,16 +408,22 @@ def main(argv=None):
     p = argparse.ArgumentParser(description='Fit K-Means centroids to .npy feature shards (N, D). '
                                 'Under torchrun every rank reads files[rank::world].')
     p.add_argument('features', nargs='+', help='.npy files of (N_i, D) features (memory-mapped)')
-    p.add_argument('--k', type=int, default=8192, help='number of centroids (DiGIT: 8192)')
-    p.add_argument('--n_iter', type=int, default=20, help='Lloyd iterations (DiGIT: 20)')
+    p.add_argument('--k', type=cli.positive_int, default=8192, help='centroids (DiGIT: 8192)')
+    p.add_argument('--n_iter', type=cli.nonneg_int, default=20, help='Lloyd iterations (DiGIT 20)')
     p.add_argument('--init', default='k-means++', choices=['k-means++', 'random'])
-    p.add_argument('--max_points_per_centroid', type=int, default=256, help='0 = use all points')
-    p.add_argument('--tol', type=float, default=0.0, help='relative inertia change to stop at')
+    p.add_argument('--max_points_per_centroid', type=cli.nonneg_int, default=256, help='0: all')
+    p.add_argument('--tol', type=cli.nonneg_float, default=0.0, help='stop at this relative drop')
     p.add_argument('--spherical', action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--seed', type=cli.nonneg_int, default=0)
     p.add_argument('--device', default='', help="'' = cuda if available, else cpu")
     p.add_argument('--out', default='km.npy', help='output centroids, float32 [K, D]')
     args = p.parse_args(argv)
+    shapes = [read_npy(f, 'features', 'r').shape for f in args.features]  # all files, every rank
+    odd = [f'{f} {s}' for f, s in zip(args.features, shapes) if s[1] != shapes[0][1]]
+    if odd:
+        raise SystemExit(f'features of another D: {args.features[0]} {shapes[0]}, {odd[0]}')
+    if sum(n for n, _ in shapes) < args.k:
+        p.error(f'argument --k: {args.k} centroids but only {sum(n for n, _ in shapes)} points')
     device, rank, world = dist.setup(args.device, mps=False)
     files = args.features[rank::world]   # torchrun: one shard of the files per rank
 
@@ -434,7 +431,10 @@ def main(argv=None):
         for f in files:
             a = np.load(f, mmap_mode='r')
             for i in range(0, len(a), rows):
-                yield torch.from_numpy(np.array(a[i:i + rows]))  # a copy: memmaps are read-only
+                x = np.array(a[i:i + rows])  # a copy: memmaps are read-only
+                if not np.isfinite(x).all():
+                    raise SystemExit(f'features {f} has NaN or inf in rows {i}..{i + len(x) - 1}')
+                yield torch.from_numpy(x)
 
     km = KMeans(args.k, n_iter=args.n_iter, init=args.init, tol=args.tol, seed=args.seed,
                 spherical=args.spherical, device=device, verbose=True,

@@ -28,6 +28,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+import checkpoint
+import cli
 import data
 import dist
 import gpt
@@ -35,40 +37,64 @@ import var
 import vqvae
 
 
-def get_args(argv=None):
+CLASS_IDS = cli.number(lambda text: [int(c) for c in text.split(',')], lambda ids: min(ids) >= 0,
+                       'a comma-separated list of class ids >= 0')
+
+
+def build_parser():
+    """The command line; main() reports what only the loaded model can check (class ids)
+    through its error(), as argparse does: the usage line, one line naming the flag, exit 2."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument('--ckpt', required=True, help='train.py var or gpt checkpoint, or an official '
                    'var_d*.pth')
     p.add_argument('--vae', default='', help="the VQVAE (default: the one the checkpoint names)")
     p.add_argument('--stage2', default='out/stage2/ckpt.pt', help='DiGIT: the stage-2 checkpoint')
-    p.add_argument('--stage2_top_p', type=float, default=0.8, help='DiGIT: stage-2 top-p')
-    p.add_argument('--classes', default='', help='comma-separated labels (default: up to 10)')
-    p.add_argument('--per_class', type=int, default=4, help='grid rows: samples of each class')
-    p.add_argument('--cfg', type=float, help='classifier-free guidance (VAR 4, its FID 1.5; '
-                   'DiGIT 2)')
-    p.add_argument('--top_k', type=int, help='keep the k most likely tokens (0: all; VAR 900, '
-                   'DiGIT 300)')
-    p.add_argument('--top_p', type=float, help='nucleus sampling mass (0: off; VAR 0.95, DiGIT 0)')
+    p.add_argument('--stage2_top_p', type=cli.fraction, default=0.8, help='DiGIT: stage-2 top-p')
+    p.add_argument('--classes', type=CLASS_IDS, help='comma-separated labels (default: up to 10)')
+    p.add_argument('--per_class', type=cli.positive_int, default=4,
+                   help='grid rows: samples of each class')
+    p.add_argument('--cfg', type=cli.nonneg_float, help='classifier-free guidance (VAR 4, its '
+                   'FID 1.5; DiGIT 2)')
+    p.add_argument('--top_k', type=cli.nonneg_int, help='keep the k most likely tokens (0: all; '
+                   'VAR 900, DiGIT 300)')
+    p.add_argument('--top_p', type=cli.fraction, help='nucleus sampling mass (0: off; VAR 0.95, '
+                   'DiGIT 0)')
     p.add_argument('--more_smooth', action='store_true', help='Gumbel-softmax codes (for looks)')
-    p.add_argument('--temperature', type=float, default=1.0, help='softmax temperature')
-    p.add_argument('--seed', type=int, default=0, help='sampling seed')
-    p.add_argument('--num_samples', type=int, default=0, help='write this many samples to --npz')
+    p.add_argument('--temperature', type=cli.positive_float, default=1.0,
+                   help='softmax temperature')
+    p.add_argument('--seed', type=cli.nonneg_int, default=0, help='sampling seed')
+    p.add_argument('--num_samples', type=cli.nonneg_int, default=0,
+                   help='write this many samples to --npz')
     p.add_argument('--npz', default='samples.npz', help='output of --num_samples')
-    p.add_argument('--batch_size', type=int, default=25, help='images generated at once')
+    p.add_argument('--batch_size', type=cli.positive_int, default=25,
+                   help='images generated at once')
     p.add_argument('--edit_image', default='', help='zero-shot editing: the input image')
     p.add_argument('--edit_mask', default='', help='white = regenerate, black = keep')
     p.add_argument('--out', default='', help='PNG to write (default: next to the checkpoint)')
     p.add_argument('--device', default='', help='cuda, mps or cpu (default: best available)')
     p.add_argument('--no_ema', action='store_true', help='use the raw weights, not the EMA')
-    return p.parse_args(argv)
+    return p
+
+
+def get_args(argv=None):
+    """The parsed command line (argv: a list for tests, None for sys.argv)."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.edit_image and not args.edit_mask:
+        p.error('argument --edit_mask: required with --edit_image')
+    if args.edit_mask and not args.edit_image:
+        p.error('argument --edit_image: required with --edit_mask')
+    return args
 
 
 def load(args, device):
     """A sampler from a checkpoint: generate(labels (B,), seed, **edit) -> images (B, 3, H, W)
     in [0, 1], the VQVAE, the number of classes and the class names. VAR: ours names its VQVAE,
     official files need --vae. DiGIT: a gpt checkpoint and --stage2, which names its VQVAE."""
-    ckpt = torch.load(args.ckpt, map_location='cpu', weights_only=True)
-    kind = ckpt.get('kind', 'var')
+    ckpt = checkpoint.load(args.ckpt, '--ckpt')
+    kind = ckpt.get('kind', 'var') if isinstance(ckpt, dict) else type(ckpt).__name__
+    if kind not in ('var', 'gpt'):
+        raise SystemExit(f'--ckpt {args.ckpt} holds a {kind}, not a var or gpt checkpoint')
     defaults = dict(cfg=2.0, top_k=300, top_p=0.0) if kind == 'gpt' else \
         dict(cfg=4.0, top_k=900, top_p=0.95)
     for k, v in defaults.items():
@@ -91,7 +117,10 @@ def load_digit(args, ckpt, device):
     if not os.path.exists(args.stage2):
         raise SystemExit(f'--stage2 {args.stage2} not found: train it (python train.py --model '
                          'stage2) to turn DiGIT tokens into pixels')
-    s2_ckpt = torch.load(args.stage2, map_location='cpu', weights_only=True)
+    s2_ckpt = checkpoint.load(args.stage2, '--stage2')
+    if not isinstance(s2_ckpt, dict) or s2_ckpt.get('kind') != 'stage2':
+        raise SystemExit(f'--stage2 {args.stage2} is not a stage-2 checkpoint (train.py --model '
+                         'stage2)')
     stage1 = gpt.GPT.from_checkpoint(ckpt, ['gpt'], not args.no_ema).to(device)
     stage2 = gpt.GPT.from_checkpoint(s2_ckpt, ['stage2'], not args.no_ema).to(device)
     if (stage2.config.source_len, stage2.config.source_vocab_size) != \
@@ -111,8 +140,12 @@ def load_digit(args, ckpt, device):
 
 
 def load_image(path, resolution, mode='RGB'):
-    """Center crop to a square, resize to resolution: (3 or 1, H, W) in [0, 1]."""
-    img = data.load_rgb(path).convert(mode)
+    """Center crop to a square, resize to resolution: (3 or 1, H, W) in [0, 1]. A file that
+    does not decode is SystemExit naming it."""
+    try:
+        img = data.load_rgb(path).convert(mode)
+    except (OSError, SyntaxError, ValueError) as e:   # PIL's errors: missing, not an image, cut
+        raise SystemExit(f'image {path} does not read: {type(e).__name__}: {e}') from None
     w, h = img.size
     s = min(w, h)
     img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
@@ -122,10 +155,12 @@ def load_image(path, resolution, mode='RGB'):
 
 @torch.no_grad()
 def main(args):
-    device, rank, world = dist.setup(args.device)
-    if device.startswith('cuda'):   # TF32 matmuls, as train.py and VAR's demo
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    device, rank, world = dist.setup(args.device, tf32=True)   # TF32: as VAR's demo
     gen, vae, K, class_names = load(args, device)
+    bad = [c for c in args.classes or () if c >= K]
+    if bad:
+        build_parser().error(f'argument --classes: {bad[0]} is not a class of this model '
+                             f'(0..{K - 1})')
     resolution = vae.config.patch_nums[-1] * vae.downsample
     if args.num_samples:   # N samples for FID, sharded over ranks
         mine = list(range(rank, args.num_samples, world))
@@ -144,8 +179,7 @@ def main(args):
             np.savez(args.npz, arr_0=images, labels=np.arange(args.num_samples) % K)
             print(f'wrote {args.num_samples} samples {images.shape[1:]} to {args.npz}')
     elif rank == 0:
-        classes = ([int(c) for c in args.classes.split(',')] if args.classes
-                   else list(range(min(K, 10))))
+        classes = args.classes or list(range(min(K, 10)))
         labels = torch.tensor(classes * args.per_class, device=device)        # row-major grid
         kw = {}
         if args.edit_image:   # keep the input's tokens outside the white area of the mask

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cli
 import data
 from dinov2 import DINOv2
 
@@ -147,13 +148,13 @@ class Training:
                     warmup_iters=20, depth=4, total_batch_size=64, batch_size=64, max_iters=200)
     no_decay = ('pos_embed', 'cls_token', 'register_tokens', 'mask_token')
     picture_name = 'features'
-    saved = {}
+    frozen = ()
 
     @staticmethod
     def add_args(parser):
         g = parser.add_argument_group('ssl: the stand-in encoder (--model ssl; also --depth: '
                                       'blocks, width 32*depth, heads depth/2)')
-        g.add_argument('--patch_size', type=int,
+        g.add_argument('--patch_size', type=cli.positive_int,
                        help='ViT patch side (default: resolution / 8, an 8x8 token grid)')
 
     @staticmethod

@@ -5,8 +5,10 @@ an error message, and is named after it.
     python -m pytest test_all.py -q                 # everything
     python -m pytest test_all.py -q -k vqvae        # one part
 """
+import errno
 import hashlib
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +21,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from PIL import Image
 
+import checkpoint
 import data
 import fid
 import inception
@@ -138,7 +141,7 @@ def test_data_corrupt_files_never_crash_an_epoch(tmp_path, num_workers):
         warnings.simplefilter('ignore')
         for x, y, bad in loader:
             seen += len(x)
-            n_bad += int(bad.sum())
+            n_bad += int(bad[:, 1].sum())  # bad rows: (index, files skipped from it on)
             assert all(tuple(img[:, 0, 0].tolist()) in colors for img in x)
     assert seen == len(ds) and n_bad == 3
 
@@ -148,9 +151,12 @@ def test_data_bad_file_warns_once(tmp_path):
     ds = folder_dataset(tmp_path / 'messy')
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
+        assert ds[1][2].tolist() == [1, 1]  # a1.png is truncated: a2.png is returned instead
+        assert not caught  # the dataset never warns itself (DataLoader workers would, each)
+        bad = data.BadFiles(ds)  # warns about the 0-byte empty.jpg
         for _ in range(3):
-            assert ds[1][2] == 1  # a1.png is truncated: a2.png is returned instead
-    assert len(caught) == 1 and 'a1.png' in str(caught[0].message)
+            bad.update(ds[1][2])
+    assert len(caught) == 2 and sum('a1.png' in str(w.message) for w in caught) == 1
 
 
 def test_data_clear_errors(tmp_path):
@@ -244,7 +250,7 @@ def test_data_resize_then_crop(tmp_path):
 def test_data_procedural_deterministic_and_shaped():
     ds, again = data.ProceduralDataset(100, 32), data.ProceduralDataset(100, 32)
     x, y, n_bad = ds[7]
-    assert torch.equal(x, ds[7][0]) and torch.equal(x, again[7][0]) and n_bad == 0
+    assert torch.equal(x, ds[7][0]) and torch.equal(x, again[7][0]) and n_bad.tolist() == [7, 0]
     assert not torch.equal(x, ds[17][0]) and ds[17][1] == y  # same class, another sample
     assert not torch.equal(x, data.ProceduralDataset(100, 32, seed=1)[7][0])
     for res in (16, 32, 64):
@@ -289,6 +295,152 @@ def test_data_save_image_grid_round_trip(tmp_path):
     assert os.listdir(path.parent) == ['grid.png']  # no temporary file left behind
 
 
+def real(paths):
+    return [os.path.realpath(p) for p in paths]
+
+
+def save_images(folder, n, start=0):
+    os.makedirs(folder, exist_ok=True)
+    for i in range(start, start + n):
+        Image.new('RGB', (8, 8), (i, 0, 0)).save(os.path.join(folder, f'{i:03d}.png'))
+
+
+def test_data_symlink_loop_lists_each_image_once_and_val_stays_out(tmp_path):
+    root = tmp_path / 'img'
+    save_images(root / 'a', 40)
+    save_images(root / 'b', 40, start=40)
+    os.symlink('..', root / 'a' / 'loop')  # a/loop/a/loop/... : os.walk followed it ~40 deep
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        train = data.build_dataset(str(root), 8, train=True)
+    assert len(caught) == 1, [str(w.message) for w in caught]
+    assert 'loop' in str(caught[0].message) and str(root / 'a' / 'loop') in str(caught[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        val = data.build_dataset(str(root), 8, train=False)
+        listed = data.list_images(str(root))[0]
+    tr, va = real(p for p, _ in train.samples), real(p for p, _ in val.samples)
+    assert len(listed) == len(set(real(listed))) == 80  # each real file once
+    assert len(tr) == len(set(tr)) == 78 and len(va) == 2 and not set(tr) & set(va)
+    assert all(os.path.realpath(p) == p for p, _ in train.samples)  # the real paths are kept
+    assert [y for _, y in train.samples] == [0] * 39 + [1] * 39  # b's files keep label b
+
+
+def test_data_train_link_to_a_val_image_is_not_trained_on(tmp_path):
+    root = tmp_path / 'tv'
+    for split, start in (('train', 0), ('val', 100)):
+        for cls in ('a', 'b'):
+            save_images(root / split / cls, 3, start)
+    os.symlink('../../val/a/100.png', root / 'train' / 'a' / 'leak.png')  # a file link
+    os.symlink('../../val/b', root / 'train' / 'b' / 'more')  # a folder link
+    os.link(root / 'val' / 'a' / '101.png', root / 'train' / 'a' / 'hard.png')  # a hard link
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        train = data.build_dataset(str(root), 8, train=True)
+    val = data.build_dataset(str(root), 8, train=False)
+    va = {os.stat(p)[1:3] for p, _ in val.samples}  # (inode, device)
+    assert len(val) == 6 and not {os.stat(p)[1:3] for p, _ in train.samples} & va
+    assert len(train) == 6 and all('val' not in os.path.relpath(p, root) for p, _ in train.samples)
+    assert len(caught) == 1 and 'leak.png' in str(caught[0].message)  # named, left out
+
+
+def make_three_bad(root):
+    """5 good images; a truncated PNG, an empty .jpg and a .png that is text."""
+    save_images(root, 5)
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)
+    Image.fromarray(noise).save(root / '001b.png')
+    raw = (root / '001b.png').read_bytes()
+    (root / '001b.png').write_bytes(raw[:len(raw) // 2])
+    (root / '002b.jpg').write_bytes(b'')
+    (root / '004b.png').write_text('not an image at all')
+    return [str(root / n) for n in ('001b.png', '002b.jpg', '004b.png')]
+
+
+def test_data_bad_files_counted_and_warned_once_over_epochs_and_workers(tmp_path):
+    bad_paths = make_three_bad(tmp_path / 'bad')
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        ds = data.ImageFolder(str(tmp_path / 'bad'), 8, train=False, mid_reso=1.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        bad = data.BadFiles(ds)
+        for epoch in range(2):
+            for x, _, b in torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2):
+                assert x.shape[1:] == (3, 8, 8) and b.shape == (len(x), 2)
+                bad.update(b)
+    messages = sorted(str(w.message) for w in caught)
+    assert len(bad.paths) == 3 and len(messages) == 3, messages
+    assert all(p in m for p, m in zip(bad_paths, messages))
+    assert 'Error' in messages[0] and 'Error' in messages[2]  # the reason is given
+    assert bad.sync() == sorted(bad_paths)  # one process: the merge is this process's files
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        resumed = data.BadFiles(ds, bad.sync())  # resumed from a checkpoint: no new warning
+        resumed.update(torch.tensor([[2, 1], [6, 1]]))  # 001b.png and 004b.png again
+        old = data.BadFiles(ds, 11)  # an older checkpoint's int of decode attempts
+    assert len(resumed.paths) == 3 and len(caught) == 1 and len(old.paths) == 1  # 0-byte file
+    assert data.ProceduralDataset(4, 16)[3][2].tolist() == [3, 0]
+
+
+def test_data_sample_reports_the_run_of_bad_files_it_skipped(tmp_path):
+    save_images(tmp_path / 'r', 5)
+    for name in ('001.png', '002.png', '004.png'):
+        (tmp_path / 'r' / name).write_text('not an image')
+    ds = data.ImageFolder(str(tmp_path / 'r'), 8, train=False, mid_reso=1.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        got = [ds[i][2].tolist() for i in range(5)]
+    assert got == [[0, 0], [1, 2], [2, 1], [3, 0], [4, 1]]  # (index, files skipped from it on)
+    assert not caught  # the dataset itself never warns: BadFiles does, once per file
+    bad = data.BadFiles(ds)
+    with pytest.warns(UserWarning) as caught:
+        bad.update(torch.tensor(got))
+    assert len(bad.paths) == len(caught) == 3
+
+
+def test_data_a_class_folder_linked_into_another_keeps_its_own_label(tmp_path):
+    root = tmp_path / 'c'
+    save_images(root / 'cat', 2)
+    save_images(root / 'dog', 3, start=10)
+    os.symlink('../dog', root / 'cat' / 'dogs')  # a duplicate link to another class
+    with pytest.warns(UserWarning, match=r'skipped 1 repeats \(loops, links\)'):
+        ds = data.ImageFolder(str(root), 8, train=False, mid_reso=1.0)
+    assert [(os.path.basename(os.path.dirname(p)), y) for p, y in ds.samples] == \
+        [('cat', 0)] * 2 + [('dog', 1)] * 3
+
+
+def test_data_empty_class_folder_warns_and_keeps_the_labels(tmp_path):
+    for cls, n in (('ant', 2), ('bee', 0), ('cat', 1)):
+        os.makedirs(tmp_path / 'c' / cls)
+        save_images(tmp_path / 'c' / cls, n)
+    (tmp_path / 'c' / 'bee' / 'notes.txt').write_text('no images here')
+    with pytest.warns(UserWarning, match=r"without images \(still classes\): \['bee'\]"):
+        ds = data.ImageFolder(str(tmp_path / 'c'), 8, train=False, mid_reso=1.0)
+    assert ds.class_names == ['ant', 'bee', 'cat'] and ds.num_classes == 3
+    assert [y for _, y in ds.samples] == [0, 0, 2]  # cat keeps label 2
+
+
+def test_data_listing_unchanged_on_plain_folders_and_links_still_followed(tmp_path):
+    """Without loops or duplicates, the listing is os.walk(followlinks=True)'s, sorted."""
+    root = tmp_path / 'd'
+    save_images(root / 'x' / 'deep' / 'er', 2)
+    save_images(root / 'x-y', 2, start=5)
+    save_images(tmp_path / 'elsewhere', 2, start=9)
+    os.symlink(tmp_path / 'elsewhere', root / 'x' / 'linked')  # a folder link: followed
+    os.makedirs(root / 'x' / '.hidden')
+    save_images(root / 'x' / '.hidden', 1)
+    (root / 'x' / 'readme.txt').write_text('hi')
+    want = []
+    for dirpath, dirnames, files in os.walk(root, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith('.')]
+        want += [os.path.join(dirpath, f) for f in files if f.endswith('.png')]
+    good, other = data.list_images(str(root))[:2]
+    assert good == sorted(want) and len(good) == 6 and other == [str(root / 'x' / 'readme.txt')]
+    ds = data.ImageFolder(str(root), 8, train=False, mid_reso=1.0)
+    assert ds.samples == [(p, 0) for p in sorted(w for w in want if os.sep + 'x' + os.sep in w)] \
+        + [(p, 1) for p in sorted(w for w in want if 'x-y' in w)]  # by class, then path
+
+
 # --- vqvae.py --------------------------------------------------------------------------------
 
 def tiny_vqvae(**kw):
@@ -300,7 +452,7 @@ def tiny_vqvae(**kw):
 
 def save_vqvae(model, path):
     """A train.py-style tokenizer checkpoint, for VAR and sample.py to load."""
-    data.save_atomic(dict(kind='vqvae', config=vqvae.asdict(model.config),
+    checkpoint.save(dict(kind='vqvae', config=vqvae.asdict(model.config),
                           model=model.state_dict(), ema=None), str(path))
 
 
@@ -901,7 +1053,7 @@ def test_tokenizer_save_load_round_trip_identical_tokens(tmp_path):
     assert torch.equal(back.centroids, tok.centroids)
     assert (back.layer, back.resolution, back.vocab_size, back.grid) == (2, 56, 6, 4)
     torch.save({'kind': 'var'}, tmp_path / 'other.pt')
-    with pytest.raises(ValueError, match='not a tokenizer'):
+    with pytest.raises(SystemExit, match='not a tokenizer'):
         tokenizer.Tokenizer.load(str(tmp_path / 'other.pt'))
 
 
@@ -934,7 +1086,7 @@ def test_tokenizer_cli_loads_dinov2_pth_and_released_centroids(tmp_path):
     assert np.array_equal(tok.centroids.numpy(), km)
     assert tok.encode(images(1, 64)).shape == (1, 256)
     np.save(tmp_path / 'bad.npy', km[:, :16])
-    with pytest.raises(ValueError, match=r'\(10, 16\) do not fit'):
+    with pytest.raises(SystemExit, match=r'\(10, 16\) do not fit'):
         tokenizer.main(['fit', '--encoder', str(tmp_path / 'dinov2_reg4.pth'), '--centroids',
                         str(tmp_path / 'bad.npy'), '--out', str(tmp_path / 'bad.pt')])
 
@@ -1548,7 +1700,7 @@ def test_sample_npz_grid_and_zero_shot_edit(tmp_path):
     model = tiny_var()
     vae = model.vae[0]
     save_vqvae(vae, tmp_path / 'vae.pt')
-    data.save_atomic(dict(
+    checkpoint.save(dict(
         kind='var', config=vqvae.asdict(model.config), model=model.state_dict(), ema=None,
         vae=str(tmp_path / 'vae.pt'), class_names=[f'c{i}' for i in range(10)]),
         str(tmp_path / 'var.pt'))
@@ -1694,7 +1846,9 @@ def test_train_skips_unreadable_images_without_crashing(tmp_path):
     train.main(train.get_args(tiny_run(tmp_path / 'out', '--data', str(tmp_path / 'img'),
                                        '--total_batch_size', '4', '--num_workers', '0')))
     ckpt = torch.load(tmp_path / 'out' / 'ckpt.pt', weights_only=True)
-    assert ckpt['step'] == 6 and ckpt['skipped_files'] >= 1
+    bad = [str(tmp_path / 'img' / 'dog' / 'empty.jpg'), str(tmp_path / 'img' / 'cat' / '3.png')]
+    assert ckpt['step'] == 6 and bad[0] in ckpt['skipped_files']  # counted from the start
+    assert set(ckpt['skipped_files']) <= set(bad)  # a list of paths, each once
     assert ckpt['class_names'] == ['cat', 'dog']
     assert 'skipped_files' in open(tmp_path / 'out' / 'log.txt').read()
 
@@ -1732,6 +1886,121 @@ def test_train_var_names_a_missing_or_mismatched_tokenizer(tmp_path):
         train.main(train.get_args(tiny_run(tmp_path, '--model', 'var', '--vae',
                                            str(tmp_path / 'vae.pt'), '--resolution', '32')))
 
+
+# --- reliability: a run never loses good work; a user mistake is one line ----------------------
+
+def ckpt_weights(path):
+    return torch.load(path, weights_only=True)['model']
+
+
+def test_train_divergence_skips_steps_stops_and_keeps_the_good_checkpoint(tmp_path):
+    """A run resumed from a good step-3 checkpoint with a huge learning rate: the non-finite
+    steps are skipped and logged, 3 in a row stop the run with a message, and the step-3
+    checkpoint is neither overwritten nor made non-finite."""
+    run = tiny_run(tmp_path, '--reseed_every', '0', '--log_every', '1', '--max_iters', '12')
+    train.main(train.get_args(run + ['--stop_after', '3']))
+    good = ckpt_weights(tmp_path / 'ckpt.pt')
+    with pytest.raises(SystemExit, match='not finite in the last 3 steps'):
+        train.main(train.get_args(run + ['--lr', '1e4', '--max_bad_steps', '3']))
+    after = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    assert after['step'] == 3 and all(torch.equal(after['model'][k], v) for k, v in good.items())
+    assert ' skipped_steps 1 ' in open(tmp_path / 'log.txt').read()
+
+
+def test_checkpoint_refuses_to_save_non_finite_weights(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    s = dict(raw=model, ema=None, optimizer=torch.optim.SGD(model.parameters(), 0.1), disc=None,
+             disc_opt=None, scaler=torch.amp.GradScaler('cpu', enabled=False), step=5,
+             cursor=(0, 5), skipped=0)
+    args = train.get_args(['--out_dir', str(tmp_path)])
+    checkpoint.save_run(str(tmp_path / 'ckpt.pt'), s, {}, args, (), [])
+    with torch.no_grad():
+        model.weight[0, 0] = float('nan')
+    with pytest.raises(SystemExit, match='weight is not finite'):
+        checkpoint.save_run(str(tmp_path / 'ckpt.pt'), s, {}, args, (), [])
+    assert torch.isfinite(ckpt_weights(tmp_path / 'ckpt.pt')['weight']).all()
+
+
+def test_out_dir_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path):
+    run = tiny_run(tmp_path, '--max_iters', '1')
+    (tmp_path / 'lock').write_text(f'{os.getpid()} {socket.gethostname()}\n')   # alive: us
+    with pytest.raises(SystemExit, match='in use by another trainer'):
+        train.main(train.get_args(run))
+    dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+    dead.wait()
+    (tmp_path / 'lock').write_text(f'{dead.pid} {socket.gethostname()}\n')
+    train.main(train.get_args(run))
+    assert (tmp_path / 'ckpt.pt').exists() and not (tmp_path / 'lock').exists()
+
+
+def test_failed_save_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    path = str(tmp_path / 'ckpt.pt')
+    checkpoint.save({'step': 1}, path)
+
+    def full_disk(obj, f):
+        open(f, 'wb').write(b'half a checkpoint')
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(torch, 'save', full_disk)
+    with pytest.raises(SystemExit, match='disk full while writing .*ckpt.pt'):
+        checkpoint.save({'step': 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {'step': 1}
+    assert os.listdir(tmp_path) == ['ckpt.pt']
+
+
+class Evil:
+    def __reduce__(self):   # unpickling it would create the file `pwned`
+        return (open, ('pwned', 'w'))
+
+
+@pytest.mark.parametrize('content', ['empty', 'truncated', 'random', 'evil', 'folder'])
+def test_bad_checkpoint_files_are_one_line_naming_the_file(tmp_path, content, monkeypatch):
+    """Bad files as the resumed ckpt.pt and as --vae: one SystemExit line with the path,
+    never a torch traceback, and a crafted pickle never runs."""
+    monkeypatch.chdir(tmp_path)
+    good = tmp_path / 'good.pt'
+    save_vqvae(tiny_vqvae(), good)
+    for path, argv in ((tmp_path / 'run' / 'ckpt.pt', []),
+                       (tmp_path / 'vae.pt', ['--model', 'var', '--vae',
+                                              str(tmp_path / 'vae.pt')])):
+        path.parent.mkdir(exist_ok=True)
+        if content == 'folder':
+            path.mkdir()
+        elif content == 'evil':
+            torch.save({'model': Evil()}, path)
+        else:
+            blob = {'empty': b'', 'random': os.urandom(3000),
+                     'truncated': good.read_bytes()[:2000]}[content]
+            path.write_bytes(blob)
+        with pytest.raises(SystemExit) as e:
+            train.main(train.get_args(tiny_run(tmp_path / 'run', *argv)))
+        assert str(path) in str(e.value) and '\n' not in str(e.value)
+        assert not (tmp_path / 'pwned').exists()
+        (path.rmdir() if path.is_dir() else path.unlink())
+
+
+def test_resume_refuses_other_data_or_another_tokenizer(tmp_path):
+    train.main(train.get_args(tiny_run(tmp_path / 'vq', '--stop_after', '2')))
+    with pytest.raises(SystemExit, match='--resolution 16 \\(now 32\\)'):
+        train.main(train.get_args(tiny_run(tmp_path / 'vq', '--resolution', '32')))
+    for name in ('a', 'b'):
+        save_vqvae(tiny_vqvae(), tmp_path / f'{name}.pt')
+    var_run = lambda vae, *a: train.get_args(tiny_run(
+        tmp_path / 'var', '--model', 'var', '--depth', '1', '--vae', str(tmp_path / vae), *a))
+    train.main(var_run('a.pt', '--stop_after', '2'))
+    with pytest.raises(SystemExit, match='--vae .*a.pt \\(now .*b.pt\\)'):
+        train.main(var_run('b.pt'))
+
+
+BAD_TRAIN_FLAGS = [
+    ['--batch_size', '0'], ['--total_batch_size', '-8'], ['--resolution', '0'],
+    ['--save_every', '0'], ['--log_every', '0'], ['--eval_every', '0'], ['--depth', '0'],
+    ['--vocab_size', '0'], ['--max_iters', '0'], ['--top_p', '1.5'], ['--top_k', '-1'],
+    ['--lr', '-1'], ['--lr', 'nan'], ['--ema', '1'], ['--beta2', '1.0'], ['--ch', '33'],
+    ['--ch_mult', '1,x'], ['--patch_nums', '1,0'], ['--num_workers', '-2'],
+    ['--dropout', '1'], ['--warmup_iters', '-1'], ['--max_bad_steps', '0'],
+    ['--model', 'nope'], ['--patch_size', '0'],
+]
 
 DDP_WORKER = """
 import os, sys, torch
@@ -1845,14 +2114,14 @@ def test_fid_load_inception_uses_every_tensor_and_names_what_is_wrong(fid_net, t
     bad['fc.weight'] = torch.zeros(1000, 2048)
     bad['extra.weight'] = torch.zeros(1)
     torch.save(bad, tmp_path / 'bad.pth')
-    with pytest.raises(RuntimeError, match=r'1 missing keys \[.Mixed_7c.branch_pool.bn.running_var'
+    with pytest.raises(SystemExit, match=r'1 missing keys \[.Mixed_7c.branch_pool.bn.running_var'
                        r".*extra.weight.*fc.weight \(1000, 2048\) != \(1008, 2048\)"):
         inception.load_inception(str(tmp_path / 'bad.pth'))
     monkeypatch.delenv('FID_INCEPTION_WEIGHTS')
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'empty_hub'))
-    with pytest.raises(FileNotFoundError, match='--weights.*--download'):
+    with pytest.raises(SystemExit, match='--weights.*--download'):
         inception.load_inception()
-    with pytest.raises(FileNotFoundError, match='nowhere.pth'):
+    with pytest.raises(SystemExit, match='nowhere.pth'):
         inception.load_inception(str(tmp_path / 'nowhere.pth'))
 
 
@@ -2036,15 +2305,15 @@ def test_fid_cli_npz_folder_stats_and_errors(fid_net, tmp_path, capsys):
         res3 = fid.main([str(tmp_path / 'other.npz'), str(tmp_path / 'samples.npz'), *base])
         assert res2['FID'] == pytest.approx(res3['FID'], rel=1e-9) and res2['FID'] > 1e-3
         assert 'precision' not in res2                 # statistics alone: no P/R
-        with pytest.raises(ValueError, match='mode adm, not pytorch_fid'):
+        with pytest.raises(SystemExit, match='mode adm, not pytorch_fid'):
             fid.main([str(tmp_path / 'other.npz'), str(tmp_path / 'stats.npz'), *base,
                       '--mode', 'pytorch_fid'])
     assert s['mu'].shape == (2048,) and s['sigma_s'].shape == (2023, 2023) and s['n'] == 6
     np.savez(tmp_path / 'floats.npz', arr_0=imgs.astype(np.float32))
-    with pytest.raises(ValueError, match='expected uint8 .N, H, W, 3.'):
+    with pytest.raises(SystemExit, match='expected uint8 .N, H, W, 3.'):
         fid.main([str(tmp_path / 'floats.npz'), *base])
     np.savez(tmp_path / 'nothing.npz', labels=np.arange(3))
-    with pytest.raises(ValueError, match='neither images'):
+    with pytest.raises(SystemExit, match='neither images'):
         fid.main([str(tmp_path / 'nothing.npz'), *base])
 
 
@@ -2070,3 +2339,267 @@ def test_fid_two_ranks_equal_one_process(fid_net, tmp_path):
     # moves features by ~1e-5; dropping one of the 7 images moves the mean by up to 0.8
     for k in ('mu', 'sigma', 'mu_s', 'sigma_s'):
         np.testing.assert_allclose(a[k], b[k], rtol=1e-3, atol=1e-4)
+
+
+# --- bad command lines and files of every CLI: one line naming the flag or the file ------------
+
+MODULES = {'sample': sample, 'fid': fid, 'tokenizer': tokenizer, 'kmeans': kmeans, 'train': train}
+
+
+# --- the files the bad command lines point at, made once -------------------------------------
+
+@pytest.fixture(scope='module')
+def cli_files(tmp_path_factory):
+    """make_cli_files, once per module."""
+    return make_cli_files(tmp_path_factory.mktemp('cli'))
+
+
+def make_cli_files(d):
+    """{name: path} in the folder d: a tiny VAR run (10 classes) and its VQVAE, a DINOv2-layout
+    ViT, FID Inception weights (random), and broken or foreign files of each kind."""
+    p = {k: str(d / v) for k, v in dict(
+        vae='vae.pt', var='var.pt', gpt='gpt.pt', garbage='garbage.pt', dino='dino.pth',
+        weights='inception.pth', keys='keys.pth', png='in.png', broken='broken.png',
+        good='good.npz', noarr='noarr.npz', cut='cut.npz', npy='feats.npy', zero='zero.npz',
+        floats='floats.npz', badmu='badmu.npz', nanmu='nanmu.npz', empty='empty_dir',
+        unreadable='unreadable_dir', c16='c16.npy', cutnpy='cut.npy', nan='nan.npy', d8='d8.npy',
+        ints='ints.npy', missing='missing.npy').items()}
+    torch.manual_seed(0)
+    vae = vqvae.VQVAE(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2), num_res_blocks=1,
+                      patch_nums=(1, 2, 3, 4, 6, 8), using_sa=True).eval()
+    checkpoint.save(dict(kind='vqvae', config=vqvae.asdict(vae.config), model=vae.state_dict(),
+                         ema=None), p['vae'])
+    model = var.VAR(vae, depth=2, num_classes=10, patch_nums=vae.config.patch_nums)
+    checkpoint.save(dict(kind='var', config=vqvae.asdict(model.config), model=model.state_dict(),
+                         ema=None, vae=p['vae']), p['var'])
+    checkpoint.save({'kind': 'gpt'}, p['gpt'])        # reaches the stage-2 checks, no further
+    with open(p['garbage'], 'wb') as f:
+        f.write(b'not a torch file at all')
+    vit = DINOv2(embed_dim=32, depth=4, num_heads=2, img_size=56)
+    torch.save(vit.state_dict(), p['dino'])
+    torch.save(inception.FIDInception().state_dict(), p['weights'])
+    torch.save({'fc.weight': torch.zeros(3)}, p['keys'])
+    Image.new('RGB', (16, 16), (200, 30, 90)).save(p['png'])
+    with open(p['broken'], 'wb') as f:
+        f.write(b'\x89PNG not really')
+    np.savez(p['good'], arr_0=np.full((2, 32, 32, 3), 128, np.uint8))
+    np.savez(p['noarr'], labels=np.arange(3))
+    np.savez(p['zero'], arr_0=np.zeros((0, 32, 32, 3), np.uint8))
+    np.savez(p['floats'], arr_0=np.zeros((2, 32, 32, 3), np.float32))
+    np.savez(p['cut'], arr_0=np.zeros((4, 32, 32, 3), np.uint8))
+    with open(p['cut'], 'r+b') as f:
+        f.truncate(os.path.getsize(p['cut']) // 2)
+    np.savez(p['badmu'], mu=np.zeros(10), sigma=np.eye(10))
+    np.savez_compressed(p['nanmu'], mu=np.full(2048, np.nan), sigma=np.zeros((2048, 2048)))
+    os.makedirs(p['empty'])
+    os.makedirs(p['unreadable'])
+    with open(os.path.join(p['unreadable'], 'a.png'), 'wb') as f:
+        f.write(b'\x89PNG not really')
+    rng = np.random.default_rng(0)
+    np.save(p['npy'], rng.standard_normal((20, 4)).astype(np.float32))
+    np.save(p['c16'], rng.standard_normal((10, 16)).astype(np.float32))
+    np.save(p['d8'], rng.standard_normal((5, 8)).astype(np.float32))
+    np.save(p['ints'], np.zeros((20, 4), np.int64))
+    nan = rng.standard_normal((20, 4)).astype(np.float32)
+    nan[13, 2] = np.nan
+    np.save(p['nan'], nan)
+    np.save(p['cutnpy'], rng.standard_normal((1000, 4)).astype(np.float32))
+    with open(p['cutnpy'], 'r+b') as f:
+        f.truncate(1000)
+    return p
+
+
+def _run_cli(module, argv):
+    """The command line in-process: main(argv), sample.py as main(get_args(argv))."""
+    if module in ('sample', 'train'):
+        return MODULES[module].main(MODULES[module].get_args(argv))
+    return MODULES[module].main(argv)
+
+
+# the common tails of the argv of sample.py, fid.py, tokenizer.py fit and kmeans.py
+SA = ['--device', 'cpu', '--out', '{tmp}/grid.png', '--npz', '{tmp}/s.npz']
+FA = ['--weights', '{weights}', '--device', 'cpu', '--num_workers', '0']
+TA = ['--device', 'cpu', '--out', '{tmp}/tok.pt']
+KA = ['--device', 'cpu', '--out', '{tmp}/km.npy']
+
+# (module, argv, what the error must name, exit status: 2 = argparse's usage + error, 1 = a file)
+BAD_COMMAND_LINES = [
+    ('sample', ['--ckpt', '{var}', '--classes', '99', *SA], '--classes', 2),
+    ('sample', ['--ckpt', '{var}', '--classes', 'abc', *SA], '--classes', 2),
+    ('sample', ['--ckpt', '{var}', '--classes', '1,-1', *SA], '--classes', 2),
+    ('sample', ['--ckpt', '{var}', '--top_p', '1.5', *SA], '--top_p', 2),
+    ('sample', ['--ckpt', '{var}', '--top_k', '-1', *SA], '--top_k', 2),
+    ('sample', ['--ckpt', '{var}', '--num_samples', '-5', *SA], '--num_samples', 2),
+    ('sample', ['--ckpt', '{var}', '--batch_size', '0', *SA], '--batch_size', 2),
+    ('sample', ['--ckpt', '{var}', '--per_class', '0', *SA], '--per_class', 2),
+    ('sample', ['--ckpt', '{var}', '--temperature', '0', *SA], '--temperature', 2),
+    ('sample', ['--ckpt', '{var}', '--cfg', '-1', *SA], '--cfg', 2),
+    ('sample', ['--ckpt', '{var}', '--cfg', 'nan', *SA], '--cfg', 2),
+    ('sample', ['--ckpt', '{var}', '--seed', '-1', *SA], '--seed', 2),
+    ('sample', ['--ckpt', '{gpt}', '--stage2_top_p', '2', *SA], '--stage2_top_p', 2),
+    ('sample', ['--ckpt', '{var}', '--edit_image', '{png}', *SA], '--edit_mask', 2),
+    ('sample', ['--ckpt', '{tmp}/nowhere.pt', *SA], 'nowhere.pt', 1),
+    ('sample', ['--ckpt', '{garbage}', *SA], 'garbage.pt', 1),
+    ('sample', ['--ckpt', '{vae}', '--vae', '{vae}', *SA], '--ckpt', 1),
+    ('sample', ['--ckpt', '{gpt}', '--stage2', '{var}', *SA], '--stage2', 1),
+    ('sample', ['--ckpt', '{gpt}', '--stage2', '{garbage}', *SA], 'garbage.pt', 1),
+    ('sample', ['--ckpt', '{var}', '--classes', '1', '--edit_image', '{broken}', '--edit_mask',
+                '{png}', *SA], 'broken.png', 1),
+    ('fid', ['{noarr}', '--batch_size', '0', *FA], '--batch_size', 2),
+    ('fid', ['{noarr}', '--num_workers', '-1', *FA], '--num_workers', 2),
+    ('fid', ['{noarr}', '--split_size', '0', *FA], '--split_size', 2),
+    ('fid', ['{noarr}', '--center_crop', '-1', *FA], '--center_crop', 2),
+    ('fid', ['{noarr}', *FA], 'noarr.npz', 1),
+    ('fid', ['{cut}', *FA], 'cut.npz', 1),
+    ('fid', ['{npy}', *FA], 'feats.npy', 1),
+    ('fid', ['{zero}', *FA], 'zero.npz', 1),
+    ('fid', ['{floats}', *FA], 'floats.npz', 1),
+    ('fid', ['{badmu}', *FA], 'badmu.npz', 1),
+    ('fid', ['{nanmu}', *FA], 'nanmu.npz', 1),
+    ('fid', ['{empty}', *FA], 'empty_dir', 1),
+    ('fid', ['{unreadable}', *FA], 'unreadable_dir', 1),
+    ('fid', ['{tmp}/nowhere.npz', *FA], 'nowhere.npz', 1),
+    ('fid', ['{good}', '--weights', '{tmp}/nowhere.pth'], 'nowhere.pth', 1),
+    ('fid', ['{good}', '--weights', '{keys}'], 'keys.pth', 1),
+    ('fid', ['{good}', '--weights', '{garbage}'], 'garbage.pt', 1),
+    ('tokenizer', ['fit', '--images', '-1', *TA], '--images', 2),
+    ('tokenizer', ['fit', '--k', '0', *TA], '--k', 2),
+    ('tokenizer', ['fit', '--batch_size', '0', *TA], '--batch_size', 2),
+    ('tokenizer', ['fit', '--n_iter', '-1', *TA], '--n_iter', 2),
+    ('tokenizer', ['fit', '--layer', '-1', *TA], '--layer', 2),
+    ('tokenizer', ['fit', '--resolution', '0', *TA], '--resolution', 2),
+    ('tokenizer', ['fit', '--num_workers', '-1', *TA], '--num_workers', 2),
+    ('tokenizer', ['fit', '--seed', '-1', *TA], '--seed', 2),
+    ('tokenizer', ['stability', '--images', '0', '--device', 'cpu'], '--images', 2),
+    ('tokenizer', ['stability', '--batch_size', '0', '--device', 'cpu'], '--batch_size', 2),
+    ('tokenizer', ['fit', '--encoder', '{dino}', '--layer', '4', *TA], '--layer', 2),
+    ('tokenizer', ['fit', '--encoder', '{dino}', '--resolution', '50', *TA], '--resolution', 2),
+    ('tokenizer', ['fit', '--encoder', '{dino}', '--k', '100000', '--images', '1', *TA], '--k',
+     2),
+    ('tokenizer', ['fit', '--encoder', '{tmp}/nowhere.pth', *TA], 'nowhere.pth', 1),
+    ('tokenizer', ['fit', '--encoder', '{garbage}', *TA], 'garbage.pt', 1),
+    ('tokenizer', ['fit', '--encoder', '{var}', *TA], 'var.pt', 1),
+    ('tokenizer', ['fit', '--encoder', '{dino}', '--centroids', '{missing}', *TA], 'missing.npy',
+     1),
+    ('tokenizer', ['fit', '--encoder', '{dino}', '--centroids', '{c16}', *TA], 'c16.npy', 1),
+    ('tokenizer', ['stability', '--tokenizer', '{tmp}/nowhere.pt', '--device', 'cpu'],
+     'nowhere.pt', 1),
+    ('tokenizer', ['stability', '--tokenizer', '{var}', '--device', 'cpu'], 'var.pt', 1),
+    ('kmeans', ['{npy}', '--k', '0', *KA], '--k', 2),
+    ('kmeans', ['{npy}', '--n_iter', '-1', *KA], '--n_iter', 2),
+    ('kmeans', ['{npy}', '--tol', '-0.5', *KA], '--tol', 2),
+    ('kmeans', ['{npy}', '--max_points_per_centroid', '-1', *KA], '--max_points_per_centroid',
+     2),
+    ('kmeans', ['{npy}', '--seed', '-1', *KA], '--seed', 2),
+    ('kmeans', ['{npy}', '--k', '21', *KA], '--k', 2),
+    ('kmeans', ['{missing}', '--k', '2', *KA], 'missing.npy', 1),
+    ('kmeans', ['{cutnpy}', '--k', '2', *KA], 'cut.npy', 1),
+    ('kmeans', ['{noarr}', '--k', '2', *KA], 'noarr.npz', 1),
+    ('kmeans', ['{ints}', '--k', '2', *KA], 'ints.npy', 1),
+    ('kmeans', ['{nan}', '--k', '2', *KA], 'nan.npy', 1),
+    ('kmeans', ['{npy}', '{d8}', '--k', '2', *KA], 'd8.npy', 1),
+    *[('train', argv, argv[0], 2) for argv in BAD_TRAIN_FLAGS],
+    ('train', ['--total_batch_size', '6', '--batch_size', '4', '--out_dir', '{tmp}/o'],
+     '--total_batch_size', 1),
+    ('train', ['--resolution', '24', '--out_dir', '{tmp}/o'], 'resolution 24', 1),
+    ('train', ['--model', 'var', '--vae', '{garbage}', '--out_dir', '{tmp}/o'], 'garbage.pt', 1),
+]
+
+
+@pytest.mark.parametrize('module, argv, named, status', BAD_COMMAND_LINES,
+                         ids=[f'{m}:{" ".join(a[:4])}' for m, a, _, _ in BAD_COMMAND_LINES])
+def test_cli_bad_flag_or_file_is_one_line_naming_it(cli_files, tmp_path, monkeypatch, capsys,
+                                                    module, argv, named, status):
+    """A bad flag is argparse's usage line and one error naming it, exit status 2; a bad file is
+    one line naming it, status 1 (SystemExit(message)); no traceback, no stray output file."""
+    monkeypatch.chdir(tmp_path)   # whatever a wrong run would write lands here
+    argv = [a.format(tmp=tmp_path, **cli_files) for a in argv]
+    with pytest.raises(SystemExit) as e:
+        _run_cli(module, argv)
+    code, err = e.value.code, capsys.readouterr().err
+    if status == 2:
+        assert code == 2 and err.startswith('usage:'), (code, err)
+        assert f'error: argument {named}' in err.splitlines()[-1], err
+    else:
+        assert isinstance(code, str) and '\n' not in code, code   # printed as is, exit 1
+        assert named in code, code
+        err = code
+    assert 'Traceback' not in err
+    assert not list(tmp_path.glob('*.rank*'))                      # sample.py's shards
+
+
+_SUBPROCESS_CASES = [
+    ('sample', ['--ckpt', '{garbage}', '--device', 'cpu'], 'garbage.pt', 1),
+    ('fid', ['{good}', '--weights', '{tmp}/nowhere.pth'], 'nowhere.pth', 1),
+    ('tokenizer', ['fit', '--k', '0'], '--k', 2),
+    ('kmeans', ['{nan}', '--k', '2', *KA], 'nan.npy', 1),
+    ('train', ['--batch_size', '0'], '--batch_size', 2),
+]
+
+
+@pytest.mark.parametrize('module, argv, named, status', _SUBPROCESS_CASES,
+                         ids=[m for m, *_ in _SUBPROCESS_CASES])
+def test_cli_bad_input_reaches_a_terminal_without_traceback(cli_files, tmp_path, module, argv,
+                                                             named, status):
+    """The same through a real interpreter: the exit status, the name, no traceback."""
+    script = os.path.join(os.path.dirname(os.path.abspath(sample.__file__)), f'{module}.py')
+    argv = [a.format(tmp=tmp_path, **cli_files) for a in argv]
+    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')}
+    out = subprocess.run([sys.executable, script, *argv], cwd=tmp_path, env=env, timeout=300,
+                         capture_output=True, text=True)
+    assert out.returncode == status, out.stderr
+    assert named in out.stderr and 'Traceback' not in out.stderr + out.stdout, out.stderr
+
+
+# --- fid.py: which weights, and NaN guards ----------------------------------------------------
+
+@pytest.fixture(scope='module')
+def calibrated_inception(fid_net):
+    """fid_net's weights as a state dict."""
+    return fid_net[0].state_dict()
+
+
+def _fid_images(tmp_path, n=4):
+    g = torch.Generator().manual_seed(1)
+    x = F.interpolate(torch.rand(n, 3, 4, 4, generator=g), size=(32, 32), mode='bilinear')
+    path = str(tmp_path / 'samples.npz')
+    np.savez(path, arr_0=(x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    return path
+
+
+def test_fid_reports_weights_by_sha256_not_by_file_name(calibrated_inception, tmp_path, capsys,
+                                                         monkeypatch):
+    """A file named pt_inception-2015-12-05-6726825d.pth whose sha256 does not start with
+    6726825d is 'unofficial weights <path>', never the standard name; one that does is."""
+    named = str(tmp_path / inception.WEIGHTS_NAME)
+    torch.save(calibrated_inception, named)
+    argv = [_fid_images(tmp_path), '--weights', named, '--device', 'cpu', '--no_pr']
+    res = fid.main(argv)
+    out = capsys.readouterr().out
+    assert np.isfinite(res['IS'])
+    assert f'Inception {inception.WEIGHTS_NAME},' not in out
+    assert f'unofficial weights {named}' in out
+    with open(named, 'rb') as f:
+        monkeypatch.setattr(inception, 'WEIGHTS_SHA256', hashlib.sha256(f.read()).hexdigest()[:8])
+    fid.main(argv)
+    assert f'Inception {inception.WEIGHTS_NAME},' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('broken', ['nan_weight', 'overflowing_fc'])
+def test_fid_non_finite_weights_or_features_are_an_error(calibrated_inception, tmp_path,
+                                                         broken):
+    """NaN weights are refused at load time, naming the file; finite weights whose outputs
+    overflow (inf logits) stop fid.py before it prints 'IS nan'."""
+    state = dict(calibrated_inception)
+    if broken == 'nan_weight':
+        state['Mixed_6b.branch1x1.conv.weight'] = state['Mixed_6b.branch1x1.conv.weight'].clone()
+        state['Mixed_6b.branch1x1.conv.weight'][0, 0] = float('nan')
+    else:
+        state['fc.weight'] = torch.full_like(state['fc.weight'], 1e38)
+    path = str(tmp_path / f'{broken}.pth')
+    torch.save(state, path)
+    with pytest.raises(SystemExit) as e:
+        fid.main([_fid_images(tmp_path), '--weights', path, '--device', 'cpu', '--no_pr'])
+    msg = str(e.value.code)
+    assert 'NaN or inf' in msg and path in msg and '\n' not in msg
+    assert ('Mixed_6b' if broken == 'nan_weight' else 'logits') in msg

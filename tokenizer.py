@@ -31,12 +31,13 @@ import math
 import os
 from dataclasses import asdict
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import checkpoint
+import cli
 import data
 import dist
 import kmeans
@@ -137,14 +138,19 @@ class Tokenizer(nn.Module):
 
     @classmethod
     def load(cls, path):
-        state = torch.load(path, map_location='cpu', weights_only=True)
+        """A tokenizer saved by save(); any other file is SystemExit naming it."""
+        state = checkpoint.load(path, 'tokenizer')
         if not isinstance(state, dict) or state.get('kind') != 'tokenizer':
-            raise ValueError(f'{path} is not a tokenizer saved by tokenizer.py (a DINOv2 .pth '
+            raise SystemExit(f'{path} is not a tokenizer saved by tokenizer.py (a DINOv2 .pth '
                              'or a train.py --model ssl checkpoint goes to `tokenizer.py fit '
                              '--encoder`)')
-        encoder = DINOv2(**state['encoder_config'])
-        encoder.load_state_dict(state['encoder'])
-        return cls(encoder, state['layer'], state['resolution'], state['centroids'])
+        try:
+            encoder = DINOv2(**state['encoder_config'])
+            encoder.load_state_dict(state['encoder'])
+            return cls(encoder, state['layer'], state['resolution'], state['centroids'])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:   # edited or damaged
+            raise SystemExit(f'tokenizer {path} does not load: {type(e).__name__}: '
+                             f'{" ".join(str(e).split())[:200]}') from None
 
 
 def load_encoder(path):
@@ -152,16 +158,18 @@ def load_encoder(path):
     .pth (DiGIT's recipe: block depth-3, 224 px, K 8192, the pos_embed resized with offset 0.1
     and no antialias as DiGIT's copy of DINOv2 does, also for `_reg4`), or from a `train.py
     --model ssl` checkpoint (the offline stand-in: its EMA weights if any, block depth-3, its
-    training resolution, K 512)."""
-    state = torch.load(path, map_location='cpu', weights_only=True)
+    training resolution, K 512). Any other file is SystemExit naming it."""
+    state = checkpoint.load(path, 'encoder')
     if isinstance(state, dict) and state.get('kind') == 'ssl':
         model = standin.ContrastiveViT(**state['config'])
         model.load_state_dict(state['ema'] or state['model'])
         vit = model.vit.eval().requires_grad_(False)
         return vit, dict(layer=vit.config.depth - 3, resolution=vit.config.img_size, k=512)
-    if isinstance(state, dict) and 'kind' in state:
-        raise ValueError(f"{path} holds a train.py {state['kind']} run, not an encoder: pass a "
-                         'DINOv2 .pth or a train.py --model ssl checkpoint')
+    if not isinstance(state, dict) or 'cls_token' not in state:
+        held = f"a train.py {state['kind']} run" if isinstance(state, dict) and 'kind' in state \
+            else 'no DINOv2 weights (no cls_token)'
+        raise SystemExit(f'encoder {path} holds {held}: pass a DINOv2 .pth or a train.py '
+                         '--model ssl checkpoint')
     vit = DINOv2.from_checkpoint(path, interpolate_offset=0.1, interpolate_antialias=False)
     return vit, dict(layer=vit.config.depth - 3, resolution=224, k=8192)
 
@@ -240,48 +248,67 @@ def main(argv=None):
     f.add_argument('--encoder', default='out/ssl/ckpt.pt', help='an official dinov2_*_pretrain'
                    '.pth, or a train.py --model ssl checkpoint (the offline stand-in)')
     f.add_argument('--centroids', default='', help="a [K, C] .npy (DiGIT's km_8k.npy): no fit")
-    f.add_argument('--layer', type=int, help='0-based block (default: depth - 3, as DiGIT)')
-    f.add_argument('--resolution', type=int,
+    f.add_argument('--layer', type=cli.nonneg_int,
+                   help='0-based block (default: depth - 3, as DiGIT)')
+    f.add_argument('--resolution', type=cli.positive_int,
                    help='encoder input side (default: 224 for DINOv2, the stand-in\'s own)')
-    f.add_argument('--k', type=int, help='centroids (default: 8192 for DINOv2 as DiGIT-base, '
-                   '512 for the stand-in)')
-    f.add_argument('--images', type=int, default=0, help='random training images whose patches '
-                   'are clustered (default: 4x what K-Means samples, 256 points per centroid)')
-    f.add_argument('--n_iter', type=int, default=20, help='Lloyd iterations (DiGIT: 20)')
+    f.add_argument('--k', type=cli.positive_int, help='centroids (default: 8192 for DINOv2 as '
+                   'DiGIT-base, 512 for the stand-in)')
+    f.add_argument('--images', type=cli.positive_int, help='random training images whose '
+                   'patches are clustered (default: 4x what K-Means samples, 256 per centroid)')
+    f.add_argument('--n_iter', type=cli.nonneg_int, default=20,
+                   help='Lloyd iterations (DiGIT: 20)')
     f.add_argument('--out', default='out/tokenizer/tokenizer.pt')
     s = sub.add_parser('stability', help='DiGIT Table 1: token change and feature cosine '
                        'under pixel noise, VQVAE tokens vs discriminative tokens')
     s.add_argument('--tokenizer', default='out/tokenizer/tokenizer.pt')
     s.add_argument('--vae', default='out/vqvae/ckpt.pt', help='train.py vqvae checkpoint or '
                    'the released vae_ch160v4096z32.pth')
-    s.add_argument('--images', type=int, default=1000, help='held-out images to average over')
+    s.add_argument('--images', type=cli.positive_int, default=1000,
+                   help='held-out images to average over')
     for q in (f, s):
         q.add_argument('--data', default='builtin', help="'builtin' or an image folder")
-        q.add_argument('--batch_size', type=int, default=64)
-        q.add_argument('--num_workers', type=int, default=0, help='data loader processes')
+        q.add_argument('--batch_size', type=cli.positive_int, default=64)
+        q.add_argument('--num_workers', type=cli.nonneg_int, default=0,
+                       help='data loader processes')
         q.add_argument('--device', default='', help="'' = cuda if available, else cpu")
-        q.add_argument('--seed', type=int, default=0)
+        q.add_argument('--seed', type=cli.nonneg_int, default=0)
     args = p.parse_args(argv)
     device, rank, world = dist.setup(args.device, mps=False)   # torchrun: a share per rank
     torch.manual_seed(args.seed)
     if args.command == 'fit':
-        result = fit_command(args, device, rank, world)
+        result = fit_command(args, device, rank, world, f.error)
     else:
         result = stability_command(args, device)
     dist.cleanup()
     return result
 
 
-def fit_command(args, device, rank, world):
+def fit_command(args, device, rank, world, error):
+    """`tokenizer.py fit`; error: the subparser's, for flags that do not fit the encoder."""
     encoder, default = load_encoder(args.encoder)
-    tok = Tokenizer(encoder, default['layer'] if args.layer is None else args.layer,
-                    args.resolution or default['resolution']).to(device)
+    layer = default['layer'] if args.layer is None else args.layer
+    resolution, cfg = args.resolution or default['resolution'], encoder.config
+    if not 0 <= layer < cfg.depth:
+        error(f'argument --layer: {layer} is not a block of this {cfg.depth}-block encoder')
+    if resolution % cfg.patch_size:
+        error(f'argument --resolution: {resolution} is not a multiple of the patch size '
+              f'{cfg.patch_size}')
+    tok = Tokenizer(encoder, layer, resolution).to(device)
     if args.centroids:
-        tok.set_centroids(np.load(args.centroids))
+        centroids = kmeans.KMeans.load(args.centroids).centroids
+        if centroids.shape[1] != cfg.embed_dim:
+            raise SystemExit(f'--centroids {args.centroids}: centroids of shape '
+                             f'{tuple(centroids.shape)} do not fit this encoder: expected '
+                             f'[K, {cfg.embed_dim}]')
+        tok.set_centroids(centroids)
     else:
         k = args.k or default['k']
         dataset = data.build_dataset(args.data, tok.resolution, train=True, seed=args.seed)
         n = args.images or math.ceil(4 * 256 * k / tok.grid ** 2)
+        if min(n, len(dataset)) * tok.grid ** 2 < k:
+            error(f'argument --k: {k} centroids but only {min(n, len(dataset))} images x '
+                  f'{tok.grid ** 2} patches to cluster (raise --images or lower --k)')
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))
         mine = order[:n][rank::world].tolist()   # this rank's share of a common random subset
         if rank == 0:

@@ -16,18 +16,17 @@ A training piece is a small class; train.py uses exactly this of it:
     add_args(parser)          its flags, in an argument group of its own (a static method)
     defaults                  a dict: its values for shared flags left unset (its recipe)
     finish_args(args)         defaults derived from other flags, e.g. lr from the batch size
-    Training(args, train_set, val_set, run)   frozen tokenizers, token caches: .train_set,
-                              .val_set (what the loop reads), .config (the architecture)
+    Training(args, train_set, val_set, run)   sets .train_set, .val_set (maybe token
+                              caches, made with frozen tokenizers) and .config (architecture)
     build()                   a new model from .config (on resume, the checkpoint's config)
     loss(model, batch, step)  (loss, {name: scalar}) on one micro-batch; step None: validation
     val_sums(model, batch)    optional: held-out sums {name: sum, 'n': items} (default: loss)
     picture(model, path)      a PNG grid from the model, named picture_name_<step>.png
     summary(stats, step)      the final report, from the held-out figures
-    saved                     a dict of plain entries the checkpoint keeps (the frozen inputs)
+    frozen                    flags of its frozen inputs (--vae): a resume must keep them
     no_decay                  parameter-name parts that get no weight decay
-and where a model needs them (the VQVAE): discriminator() (trained against the model, with
-disc_loss(disc, step)), after_step(model, batch, step) -> counts for the log, log_extras(model),
-figures(held-out sums) -> held-out figures.
+and where a model needs them (the VQVAE): discriminator() and disc_loss(disc, step) (a GAN),
+after_step(model, batch, step) -> counts for the log, log_extras(model), figures(sums).
 
     python train.py --model vqvae                         # laptop / CPU: built-in data, 32 px
     python train.py --model var --depth 4 --lr 1e-3 --max_iters 300     # ... then VAR on it
@@ -52,12 +51,15 @@ import torch.distributed
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import checkpoint
+import cli
 import data
 import digit
 import dist
 import standin
 import var
 import vqvae_train
+from cli import below_one, fraction, nonneg_float, nonneg_int, positive_float, positive_int
 
 MODELS = {'vqvae': vqvae_train.Training, 'var': var.Training, 'ssl': standin.Training,
           'gpt': digit.GPTTraining, 'stage2': digit.Stage2Training, 'probe': digit.ProbeTraining}
@@ -70,65 +72,20 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     g = p.add_argument_group('model (flags of one model are in its own group below)')
     g.add_argument('--model', choices=list(MODELS), default='vqvae', help='what to train')
-    g.add_argument('--depth', type=int, help='blocks: var, gpt, stage2 16 (width 64*depth, '
-                   'heads = depth; VAR paper: 16, 20, 24, 30; DiGIT-base 16); ssl 4')
+    g.add_argument('--depth', type=positive_int, help='blocks: var, gpt, stage2 16 (width '
+                   '64*depth, heads = depth; VAR paper: 16-30; DiGIT-base 16); ssl 4')
     g.add_argument('--vae', help='var: the frozen tokenizer, a train.py checkpoint or '
                    'vae_ch160v4096z32.pth (default out/vqvae/ckpt.pt); stage2: a single-scale '
                    'VQVAE (default out/vqvae_1scale/ckpt.pt)')
-    g.add_argument('--dropout', type=float, help='dropout (gpt, stage2 0.1)')
-    g.add_argument('--label_smooth', type=float, help='label smoothing (var 0, gpt, stage2 0.1)')
-    g.add_argument('--cfg', type=float, default=4.0, help='var, gpt: guidance of the sample grids')
-    g.add_argument('--top_k', type=int, default=0, help='var, gpt, stage2: top-k of the grids')
-    g.add_argument('--top_p', type=float, default=0.0, help='var, gpt: top-p of the grids (0: '
-                   "off; stage2: 0.8, DiGIT's)")
+    g.add_argument('--dropout', type=below_one, help='dropout (gpt, stage2 0.1)')
+    g.add_argument('--label_smooth', type=below_one, help='label smoothing (var 0, gpt 0.1)')
+    g.add_argument('--cfg', type=nonneg_float, default=4.0, help='var, gpt: guidance of grids')
+    g.add_argument('--top_k', type=nonneg_int, default=0, help='var, gpt, stage2: grids\' top-k')
+    g.add_argument('--top_p', type=fraction, default=0.0,
+                   help="var, gpt: top-p of the grids (0: off; stage2: 0.8, DiGIT's)")
     for piece in dict.fromkeys(MODELS.values()):
         piece.add_args(p)
-    g = p.add_argument_group('data')
-    g.add_argument('--data', default='builtin', help="'builtin' (offline procedural set) or an "
-                   'image folder (class sub-folders, or train/ and val/)')
-    g.add_argument('--resolution', type=int, default=32, help='image side in pixels')
-    g.add_argument('--hflip', action=argparse.BooleanOptionalAction, default=False,
-                   help='random horizontal flips')
-    g.add_argument('--train_images', type=int, default=0,
-                   help='use only this many training images (0 = all), for quick experiments')
-    g.add_argument('--num_workers', type=int, default=-1,
-                   help='data loader processes per GPU (-1: 0 for builtin, else min(8, cores))')
-    g = p.add_argument_group('optimisation')
-    g.add_argument('--max_iters', type=int, help='optimizer steps (ssl 200, probe 300, else 400)')
-    g.add_argument('--total_batch_size', type=int, help='images a step (ssl, probe 64, else 32)')
-    g.add_argument('--batch_size', type=int, help='micro-batch per GPU (ssl, probe 64, else 32; '
-                   'ssl: the InfoNCE negatives are this micro-batch)')
-    g.add_argument('--lr', type=float, help='peak learning rate; default: vqvae 1e-3 (tiny) or '
-                   "2e-4 ('var' preset), var 1e-4 * total_batch_size / 256, ssl 1e-3, gpt 3e-4, "
-                   'stage2 5e-4, probe 3e-3')
-    g.add_argument('--weight_decay', type=float, help='decoupled weight decay of matrices')
-    g.add_argument('--beta1', type=float, help='AdamW beta1')
-    g.add_argument('--beta2', type=float, help='AdamW beta2')
-    g.add_argument('--warmup_iters', type=int, help='linear warmup steps (var 2%%, gpt 10%%)')
-    g.add_argument('--lr_schedule', choices=['cosine', 'linear', 'constant', 'inverse_sqrt'],
-                   help='decay after warmup (vqvae cosine, var linear, gpt inverse_sqrt: '
-                   'lr sqrt(warmup / step), fairseq\'s)')
-    g.add_argument('--min_lr_ratio', type=float, default=0.1, help='final lr / peak lr')
-    g.add_argument('--grad_clip', type=float, help='max grad norm (0 = off; gpt 1, else 2)')
-    g.add_argument('--ema', type=float, default=0.0, help='EMA decay of weights (0 = off)')
-    g = p.add_argument_group('system')
-    g.add_argument('--device', default='', help='cuda, mps or cpu (default: best available)')
-    g.add_argument('--dtype', choices=['float32', 'bfloat16', 'float16'], default=None,
-                   help='autocast dtype (default: bfloat16 on CUDA, float32 elsewhere)')
-    g.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None,
-                   help='torch.compile the model (default: on with CUDA when Triton is installed)')
-    g.add_argument('--seed', type=int, default=0, help='seed of init, data order and sampling')
-    g = p.add_argument_group('output')
-    g.add_argument('--out_dir', help='checkpoint, log and images go here (out/<model>)')
-    g.add_argument('--resume', choices=['auto', 'never'], default='auto', help='auto: '
-                   'continue from <out_dir>/ckpt.pt when it exists')
-    g.add_argument('--log_every', type=int, default=50, help='steps between log lines')
-    g.add_argument('--eval_every', type=int, default=200, help='steps between validations')
-    g.add_argument('--eval_images', type=int, default=1000, help='validation images (at most)')
-    g.add_argument('--sample_every', type=int, default=200, help='steps between PNG grids')
-    g.add_argument('--save_every', type=int, default=200, help='steps between checkpoints')
-    g.add_argument('--stop_after', type=int, default=0,
-                   help='exit after this many steps in this run (checkpointed; rerun resumes)')
+    add_shared_args(p)
     args = p.parse_args(argv)
     piece = MODELS[args.model]
     args.out_dir = args.out_dir or os.path.join('out', args.model)
@@ -139,23 +96,72 @@ def get_args(argv=None):
     return args
 
 
+def add_shared_args(p):
+    """The flags of every model: data, optimisation, system, output."""
+    g = p.add_argument_group('data')
+    g.add_argument('--data', default='builtin', help="'builtin' (offline procedural set) or an "
+                   'image folder (class sub-folders, or train/ and val/)')
+    g.add_argument('--resolution', type=positive_int, default=32, help='image side in pixels')
+    g.add_argument('--hflip', action=argparse.BooleanOptionalAction, default=False,
+                   help='random horizontal flips')
+    g.add_argument('--train_images', type=nonneg_int, default=0,
+                   help='use only this many training images (0 = all), for quick experiments')
+    g.add_argument('--num_workers', type=cli.number(int, lambda v: v >= -1, 'an integer >= -1'),
+                   default=-1, help='loader processes per GPU (-1: 0 builtin, else min(8, cores))')
+    g = p.add_argument_group('optimisation')
+    g.add_argument('--max_iters', type=positive_int, help='steps (ssl 200, probe 300, else 400)')
+    g.add_argument('--total_batch_size', type=positive_int, help='images a step (ssl, probe 64, '
+                   'else 32)')
+    g.add_argument('--batch_size', type=positive_int, help='micro-batch per GPU (ssl, probe 64, '
+                   'else 32; ssl: the InfoNCE negatives are this micro-batch)')
+    g.add_argument('--lr', type=positive_float, help="peak learning rate (vqvae 1e-3, 'var' "
+                   'preset 2e-4; var 1e-4 * total_batch_size / 256; ssl 1e-3; gpt 3e-4; stage2 '
+                   '5e-4; probe 3e-3)')
+    g.add_argument('--weight_decay', type=nonneg_float, help='AdamW decay of matrices')
+    g.add_argument('--beta1', type=below_one, help='AdamW beta1')
+    g.add_argument('--beta2', type=below_one, help='AdamW beta2')
+    g.add_argument('--warmup_iters', type=nonneg_int, help='linear warmup (var 2%%, gpt 10%%)')
+    g.add_argument('--lr_schedule', choices=['cosine', 'linear', 'constant', 'inverse_sqrt'],
+                   help="after warmup (vqvae cosine, var linear, gpt fairseq's inverse_sqrt)")
+    g.add_argument('--min_lr_ratio', type=fraction, default=0.1, help='final lr / peak lr')
+    g.add_argument('--grad_clip', type=nonneg_float, help='max grad norm (0 off; gpt 1, else 2)')
+    g.add_argument('--ema', type=below_one, default=0.0, help='EMA decay of weights (0 = off)')
+    g.add_argument('--max_bad_steps', type=positive_int, default=10, help='stop after this '
+                   'many steps in a row with a non-finite loss or gradient (each is skipped)')
+    g = p.add_argument_group('system')
+    g.add_argument('--device', default='', help='cuda, mps or cpu (default: best available)')
+    g.add_argument('--dtype', choices=['float32', 'bfloat16', 'float16'], default=None,
+                   help='autocast dtype (default: bfloat16 on CUDA, float32 elsewhere)')
+    g.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None,
+                   help='torch.compile the model (default: on with CUDA when Triton is installed)')
+    g.add_argument('--seed', type=int, default=0, help='seed of init, data order and sampling')
+    g = p.add_argument_group('output')
+    g.add_argument('--out_dir', help='checkpoint, log and images go here (out/<model>)')
+    g.add_argument('--resume', choices=['auto', 'never'], default='auto',
+                   help='auto: continue from <out_dir>/ckpt.pt when it exists')
+    g.add_argument('--log_every', type=positive_int, default=50, help='steps between log lines')
+    g.add_argument('--eval_every', type=positive_int, default=200, help='steps between evals')
+    g.add_argument('--eval_images', type=positive_int, default=1000, help='held-out images used')
+    g.add_argument('--sample_every', type=positive_int, default=200, help='steps between grids')
+    g.add_argument('--save_every', type=positive_int, default=200, help='steps between saves')
+    g.add_argument('--stop_after', type=nonneg_int, default=0,
+                   help='exit after this many steps in this run (checkpointed; rerun resumes)')
+
+
 # ----------------------------------------------------------------------------------------------
 # Device, precision, optimisation
 
-# What a training piece knows of the run besides its flags (autocast: nullcontext in fp32)
-Run = namedtuple('Run', 'device rank world autocast')
+Run = namedtuple('Run', 'device rank world autocast')   # what a piece knows of the run
 
 
 def setup(args):
     """The device and process group (dist.py), then the precision and compile defaults for it."""
-    device, rank, world = dist.setup(args.device)
+    device, rank, world = dist.setup(args.device, tf32=True)
     device_type = torch.device(device).type
     if args.dtype is None:
         args.dtype = 'bfloat16' if device_type == 'cuda' else 'float32'
     if args.compile is None:   # compiling needs Triton for GPU kernels (absent on Windows)
         args.compile = device_type == 'cuda' and importlib.util.find_spec('triton') is not None
-    if device_type == 'cuda':   # TF32 matmuls: faster, not bit-reproducible across GPUs
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     dtype = getattr(torch, args.dtype)
     ctx = torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     return Run(device, rank, world, ctx)
@@ -200,7 +206,14 @@ def validate(model, piece, args, run):
     sums = {}
     for batch in torch.utils.data.DataLoader(torch.utils.data.Subset(val_set, items),
                                              args.batch_size, num_workers=args.num_workers):
-        for k, v in batch_sums(model, piece, batch, run).items():
+        if hasattr(piece, 'val_sums'):
+            batch_sums = piece.val_sums(model, batch)
+        else:   # the loss's figures (batch means) times the batch size
+            with run.autocast:
+                loss, parts = piece.loss(model, batch, None)
+            batch_sums = {**{k: v * len(batch[0]) for k, v in dict(parts, loss=loss).items()},
+                          'n': torch.tensor(len(batch[0]))}
+        for k, v in batch_sums.items():
             sums[k] = sums.get(k, 0.0) + v.to(run.device, torch.float32)
     model.train()
     for v in sums.values() if run.world > 1 else ():
@@ -209,16 +222,6 @@ def validate(model, piece, args, run):
         return piece.figures(sums)
     n = sums.pop('n').clamp_min(1)
     return {k: (v / n).tolist() if v.ndim else (v / n).item() for k, v in sums.items()}
-
-
-def batch_sums(model, piece, batch, run):
-    """Held-out sums of one batch: the piece's own, or its loss's figures times the batch size."""
-    if hasattr(piece, 'val_sums'):
-        return piece.val_sums(model, batch)
-    with run.autocast:
-        loss, parts = piece.loss(model, batch, None)
-    B = len(batch[0])
-    return {**{k: v * B for k, v in dict(parts, loss=loss).items()}, 'n': torch.tensor(B)}
 
 
 def format_stats(stats):
@@ -234,8 +237,7 @@ def format_stats(stats):
 
 
 def log_means(sums, counts, steps, run):
-    """The figures summed since the last log line, averaged over ranks (one all-reduce): sums
-    as means per step, counts as totals."""
+    """Figures since the last log line, averaged over ranks: sums per step, counts in all."""
     stats = torch.stack([v.to(run.device) for v in [*sums.values(), *counts.values()]])
     if run.world > 1:   # .tolist() below syncs; average over ranks first
         torch.distributed.all_reduce(stats, op=torch.distributed.ReduceOp.AVG)
@@ -246,8 +248,7 @@ def log_means(sums, counts, steps, run):
 # The run: build, resume, loop, report
 
 def build(piece, args, run, ckpt, print0):
-    """The model (and its EMA copy), its optimizer and the piece's discriminator, with the
-    state of the checkpoint being resumed; returns a dict of what the loop and saves use."""
+    """The run's state: the model, its EMA, optimizers, discriminator, resumed from ckpt."""
     if ckpt is not None and ckpt['config'] != piece.config:
         changed = {k: v for k, v in ckpt['config'].items() if piece.config.get(k) != v}
         print0(f'architecture taken from the checkpoint, not the flags: {changed}')
@@ -262,26 +263,17 @@ def build(piece, args, run, ckpt, print0):
     disc_opt = make_optimizer(disc, args) if disc is not None else None
     scaler = torch.amp.GradScaler(torch.device(run.device).type, enabled=args.dtype == 'float16')
     state = dict(raw=raw, ema=ema, optimizer=optimizer, disc=disc, disc_opt=disc_opt,
-                 scaler=scaler, step=0, cursor=(0, 0), skipped=0)
+                 scaler=scaler, step=0, cursor=(0, 0), skipped=[])
     if ckpt is not None:
-        raw.load_state_dict(ckpt['model'])
-        optimizer.load_state_dict(ckpt['optimizer'])
-        if ema is not None:
-            ema.load_state_dict(ckpt['ema'] or ckpt['model'])
-        if disc is not None and ckpt.get('disc'):
-            disc.load_state_dict(ckpt['disc'])
-            disc_opt.load_state_dict(ckpt['disc_optimizer'])
-        scaler.load_state_dict(ckpt['scaler'])
-        state.update(step=ckpt['step'], cursor=tuple(ckpt['data_cursor']),
-                     skipped=ckpt['skipped_files'])
+        checkpoint.restore(state, ckpt)
     elif ema is not None:
         ema.load_state_dict(raw.state_dict())
+    state['bad'] = data.BadFiles(piece.train_set, state['skipped'])   # unreadable, by path
     return state
 
 
 def datasets(args, run, print0):
-    """The training and held-out images (data.py), and the gradient accumulation that makes
-    --total_batch_size of --batch_size on every process."""
+    """The training and held-out images (data.py), and the accumulation steps of a step."""
     accum, rem = divmod(args.total_batch_size, args.batch_size * run.world)
     if rem or not accum:
         raise SystemExit(f'--total_batch_size {args.total_batch_size} must be a multiple of '
@@ -299,43 +291,19 @@ def datasets(args, run, print0):
     return train_set, val_set, accum
 
 
-def checkpoint_to_resume(path, args, print0):
-    """The checkpoint of this --out_dir, if --resume auto finds one of this --model."""
-    if args.resume != 'auto' or not os.path.exists(path):
-        return None
-    ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    if ckpt.get('kind') != args.model:
-        raise SystemExit(f"{path} holds a {ckpt.get('kind')} run, not {args.model}: "
-                         'choose another --out_dir or pass --resume never')
-    print0(f'resuming from {path} at step {ckpt["step"]}')
-    return ckpt
-
-
-def save_checkpoint(path, s, piece, args, class_names):
-    """Everything a resume needs, as plain types and tensors (weights_only loading)."""
-    disc = s['disc']
-    data.save_atomic(dict(
-        kind=args.model, config=piece.config, model=s['raw'].state_dict(), **piece.saved,
-        ema=s['ema'].state_dict() if s['ema'] is not None else None,
-        optimizer=s['optimizer'].state_dict(), step=s['step'], data_cursor=list(s['cursor']),
-        skipped_files=s['skipped'], args=vars(args), class_names=class_names,
-        disc=disc.state_dict() if disc is not None else None,
-        disc_optimizer=s['disc_opt'].state_dict() if disc is not None else None,
-        scaler=s['scaler'].state_dict()), path)
-
-
 def train_step(model, disc, piece, batches, s, args, run, accum, lr, sums):
     """One optimizer step at learning rate lr over accum micro-batches: forward and backward of
     the piece's loss (gradients all-reduced on the last micro-batch only), its discriminator's,
-    then clipping, AdamW and the EMA. Adds the micro-batch figures to sums; returns the last
-    micro-batch."""
-    step, scaler = s['step'], s['scaler']
+    clipping, AdamW, EMA; figures added to sums. A step whose loss or gradient norm is not
+    finite is skipped whole. Returns the last micro-batch and whether the step was taken."""
+    step, scaler, before = s['step'], s['scaler'], dict(sums)
     for opt in (s['optimizer'], s['disc_opt']):
         for group in (opt.param_groups if opt is not None else []):
             group['lr'] = lr
+    finite = torch.ones((), dtype=torch.int32, device=run.device)   # 0 once anything is not
     for micro in range(accum):
         s['cursor'], batch = next(batches)
-        s['skipped'] += int(batch[2].sum())
+        s['bad'].update(batch[2])   # the unreadable files met: counted once each, by path
         sync = micro == accum - 1   # important! all-reduce gradients on the last micro-step
         with model.no_sync() if run.world > 1 and not sync else nullcontext():
             with run.autocast:
@@ -350,29 +318,47 @@ def train_step(model, disc, piece, batches, s, args, run, accum, lr, sums):
                     parts['d'] = d_loss.detach()
         for k, v in dict(parts, loss=loss.detach()).items():
             sums[k] = sums.get(k, 0.0) + v.float() / accum
-    for opt, net in ((s['optimizer'], s['raw']), (s['disc_opt'], s['disc'])):
-        if opt is None or not any(p.grad is not None for p in net.parameters()):
-            continue
-        scaler.unscale_(opt)
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip)
-        scaler.step(opt)
+        finite &= torch.isfinite(loss.detach()).int()
+    stepped = [(opt, net) for opt, net in ((s['optimizer'], s['raw']), (s['disc_opt'], s['disc']))
+               if opt is not None and any(p.grad is not None for p in net.parameters())]
+    for opt, net in stepped:
+        scaler.unscale_(opt)   # the norm: clipped at --grad_clip, or only measured (inf)
+        norm = torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip or math.inf)
+        if not scaler.is_enabled():   # fp16: the scaler skips steps with overflowed gradients
+            finite &= torch.isfinite(norm).int()
+    if run.world > 1:   # every rank skips, or none
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    ok = bool(finite.item())   # the step's one host sync
+    for opt, _ in stepped:
+        if ok:
+            scaler.step(opt)
         opt.zero_grad(set_to_none=True)
     scaler.update()
+    if not ok:   # a diverged step changes nothing: weights, EMA and logged figures stay
+        sums.clear()
+        sums.update(before)
+        return batch, False
     if s['ema'] is not None:
         for e, p in zip(s['ema'].state_dict().values(), s['raw'].state_dict().values()):
             e.lerp_(p, 1 - args.ema) if e.is_floating_point() else e.copy_(p)
-    return batch
+    return batch, True
 
 
 def main(args):
     run = setup(args)
+    with checkpoint.OutDirLock(args.out_dir) if run.rank == 0 else nullcontext():
+        raw = fit(args, run)
+    dist.cleanup()
+    return raw
+
+
+def fit(args, run):
+    """Build, resume, train to --max_iters (or --stop_after more steps), report."""
     master = run.rank == 0
     print0 = print if master else (lambda *a, **k: None)
     train_set, val_set, accum = datasets(args, run, print0)
-    class_names = train_set.class_names
     ckpt_path = os.path.join(args.out_dir, 'ckpt.pt')
-    ckpt = checkpoint_to_resume(ckpt_path, args, print0)
+    ckpt = checkpoint.to_resume(ckpt_path, args, MODELS[args.model].frozen, print0)
     piece = MODELS[args.model](args, train_set, val_set, run)
     s = build(piece, args, run, ckpt, print0)
     raw, ema, disc = s['raw'], s['ema'], s['disc']
@@ -382,41 +368,43 @@ def main(args):
                     if run.device.startswith('cuda') else None)
         disc = DDP(disc) if disc is not None else None
     eval_model = ema if ema is not None else raw   # validation and pictures use the EMA
-    os.makedirs(args.out_dir, exist_ok=True)
     log_path = os.path.join(args.out_dir, 'log.txt')
-
-    def log(line):
-        print0(line)
-        if master:
-            with open(log_path, 'a') as f:
-                print(line, file=f)
-
+    log = lambda line: append_log(line, log_path if master else None)
     batches = data.endless_batches(piece.train_set, args.batch_size, args.num_workers, run.rank,
                                    run.world, args.seed, *s['cursor'],
                                    pin_memory=run.device.startswith('cuda'))
     start = last_log = s['step']
-    sums, counts, t0 = {}, {}, time.time()
+    sums, counts, t0, bad_in_a_row = {}, {}, time.time(), 0
     bar = tqdm(total=args.max_iters, initial=start, disable=not master, dynamic_ncols=True)
     while s['step'] < args.max_iters:
         step = s['step']
         torch.manual_seed(args.seed * 1_000_003 + run.rank * 10_007 + step)  # resumable RNG
         lr = lr_at(step, args)
-        batch = train_step(model, disc, piece, batches, s, args, run, accum, lr, sums)
+        batch, ok = train_step(model, disc, piece, batches, s, args, run, accum, lr, sums)
         step = s['step'] = step + 1
         bar.update(1)
-        if hasattr(piece, 'after_step'):
+        bad_in_a_row = 0 if ok else bad_in_a_row + 1
+        if not ok:
+            counts['skipped_steps'] = counts.get('skipped_steps', 0.0) + torch.tensor(1.0)
+            if bad_in_a_row >= args.max_bad_steps:
+                bar.close()
+                raise SystemExit(f'stopping at step {step}: the loss or gradient was not finite '
+                                 f'in the last {bad_in_a_row} steps (each skipped: the weights '
+                                 f'are those of the last good step; {ckpt_path} is the last '
+                                 f'checkpoint). Lower --lr (now {args.lr:g}), then rerun.')
+        elif hasattr(piece, 'after_step'):
             for k, v in piece.after_step(raw, batch, step).items():
                 counts[k] = counts.get(k, 0.0) + torch.tensor(float(v))
         if step % args.log_every == 0 or step == args.max_iters:
-            n, last_log = step - last_log, step
-            mean = log_means(sums, counts, n, run)
+            mean = log_means(sums, counts, step - last_log, run)
+            n_bad = len(s['bad'].sync())   # all ranks' files (every rank logs: a collective)
             if hasattr(piece, 'log_extras'):
                 mean.update(piece.log_extras(raw))
             log(f'step {step} {format_stats(mean)} lr {lr:.3g} '
-                f'ms/step {(time.time() - t0) / n * 1000:.0f}'
-                + (f" skipped_files {s['skipped']}" if s['skipped'] else ''))
-            bar.set_postfix(loss=f"{mean['loss']:.4f}")
-            sums, counts, t0 = {}, {}, time.time()
+                f'ms/step {(time.time() - t0) / (step - last_log) * 1000:.0f}'
+                + (f' skipped_files {n_bad}' if n_bad else ''))
+            bar.set_postfix(loss=f"{mean.get('loss', math.nan):.4f}")
+            sums, counts, t0, last_log = {}, {}, time.time(), step
         last = step == args.max_iters or (args.stop_after and step - start >= args.stop_after)
         if step % args.eval_every == 0 or last:
             held_out = validate(eval_model, piece, args, run)
@@ -425,8 +413,10 @@ def main(args):
             piece.picture(eval_model, os.path.join(args.out_dir,
                                                    f'{piece.picture_name}_{step:06d}.png'))
         if step % args.save_every == 0 or last:
+            s['skipped'] = s['bad'].sync()   # all ranks' files, saved as a list of paths
             if master:
-                save_checkpoint(ckpt_path, s, piece, args, class_names)
+                checkpoint.save_run(ckpt_path, s, piece.config, args, piece.frozen,
+                                    train_set.class_names)
             dist.barrier()
         if last:
             break
@@ -435,8 +425,16 @@ def main(args):
         held_out = validate(eval_model, piece, args, run)
     if master:
         report(piece, held_out, args, s, ckpt_path, log_path)
-    dist.cleanup()
     return raw
+
+
+def append_log(line, path):
+    """Print a log line and append it to path; path None (ranks > 0): nothing."""
+    if path is None:
+        return
+    print(line)
+    with open(path, 'a') as f:
+        print(line, file=f)
 
 
 def report(piece, held_out, args, s, ckpt_path, log_path):
@@ -445,7 +443,7 @@ def report(piece, held_out, args, s, ckpt_path, log_path):
     print('\n' + piece.summary(held_out, step))
     picture = os.path.join(args.out_dir, f'{name}_{step:06d}.png')
     print(f'checkpoint {ckpt_path}\n' + (f'{name} {picture}\n' if name else '') + f'log {log_path}'
-          + (f"\n{s['skipped']} unreadable files were skipped" if s['skipped'] else ''))
+          + (f"\n{len(s['bad'].paths)} unreadable files were skipped" if s['bad'].paths else ''))
 
 
 if __name__ == '__main__':

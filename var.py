@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checkpoint
 import data
 import gpt
 import vqvae
@@ -220,7 +221,7 @@ class VAR(nn.Module):
     def from_checkpoint(cls, path, vae, use_ema=True):
         """Load an official var_d{16,20,24,30,36}.pth (a bare state dict; the architecture is
         read off its shapes) or a `train.py --model var` checkpoint, on top of `vae`."""
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        ckpt = checkpoint.load(path, 'VAR checkpoint')
         if 'model' in ckpt and 'config' in ckpt:
             if ckpt.get('kind') != 'var':
                 raise ValueError(f"{path} is a '{ckpt.get('kind')}' checkpoint, not a var")
@@ -263,6 +264,7 @@ class Training:
                     vae='out/vqvae/ckpt.pt')
     no_decay = ('class_emb', 'lvl_embed', 'pos_start', 'pos_1LC', 'scale_mul', 'ada_gss')
     picture_name = 'samples'
+    frozen = ('vae',)
 
     @staticmethod
     def add_args(parser):
@@ -280,7 +282,6 @@ class Training:
     def __init__(self, args, train_set, val_set, run):
         self.args, self.run = args, run
         self.vae = vae = vqvae.VQVAE.frozen(args.vae, args.resolution, run.device)
-        self.saved = dict(vae=args.vae)
         self.train_set, self.val_set = train_set, val_set
         if args.cache_tokens:   # the frozen tokenizer off the training step's path
             encode = lambda img: torch.cat(vae.img_to_idx(img), 1)                   # (B, L)

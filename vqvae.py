@@ -14,16 +14,14 @@ phi_k is a 3x3 conv blended with its input, phi(h) = (1 - q) h + q conv(h) with 
 a few phi convs are shared over the K scales (partially shared, official default 4). Training
 uses the VQ loss of VAR Eq. 5 averaged over scales with a straight-through estimator.
 
-Names of every module match the official code, so the released `vae_ch160v4096z32.pth` loads
-with every tensor used: `VQVAE.from_checkpoint('vae_ch160v4096z32.pth')`.
-Letters in names: B batch, C channels, H x W the latent size, V vocabulary, K scales.
+Module names match the official code: the released `vae_ch160v4096z32.pth` loads with every
+tensor used (`VQVAE.from_checkpoint`). Letters: B batch, C channels, H x W latent, V codes, K
+scales.
 
 Deviations from the official code: `ch_mult`, `num_res_blocks` and the attention layers are
 configurable (the official code hard-codes the LDM vq-f16 layout, our default); the phi convs
 are always stored as `quant_resi.qresi_ls.{i}` (share_quant_resi=0 means one per scale);
-a single scale (K=1) is allowed and is a plain VQVAE; dead codes can be re-seeded from live
-features. Training it (VAR never released that) is vqvae_train.py. Test: `python -m pytest
-test_all.py -k vqvae`; train: `python train.py --model vqvae`.
+a single scale (K=1) is a plain VQVAE. Training it (never released by VAR): vqvae_train.py.
 """
 import os
 from dataclasses import dataclass, asdict
@@ -33,6 +31,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+import checkpoint
 
 
 @dataclass
@@ -429,7 +429,7 @@ class VQVAE(nn.Module):
     def from_checkpoint(cls, path, use_ema=True):
         """Load the official `vae_ch160v4096z32.pth` (a bare state dict, default config) or a
         `train.py --model vqvae` checkpoint (config inside). Errors name what does not fit."""
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        ckpt = checkpoint.load(path, 'VQVAE checkpoint')
         if 'model' in ckpt and 'config' in ckpt:           # ours
             if ckpt.get('kind') != 'vqvae':
                 raise ValueError(f"{path} is a '{ckpt.get('kind')}' checkpoint, not a vqvae")

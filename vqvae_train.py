@@ -24,6 +24,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checkpoint
+import cli
 import data
 import vqvae
 
@@ -94,10 +96,10 @@ class LPIPS(nn.Module):
         self.requires_grad_(False)
 
     def load(self, vgg_path, lin_path):
-        vgg = torch.load(vgg_path, map_location='cpu', weights_only=True)
+        vgg = checkpoint.load(vgg_path, '--lpips_vgg')
         self.features.load_state_dict({k[len('features.'):]: v for k, v in vgg.items()
                                        if k.startswith('features.')}, strict=True)
-        lin = torch.load(lin_path, map_location='cpu', weights_only=True)
+        lin = checkpoint.load(lin_path, '--lpips_lin')
         for i, p in enumerate(self.lins):
             p.data.copy_(lin[f'lin{i}.model.1.weight'])
         return self
@@ -152,10 +154,6 @@ PATCH_NUMS = {4: (1, 2, 3, 4), 8: (1, 2, 3, 4, 6, 8), 16: (1, 2, 3, 4, 5, 6, 8, 
 ARCH_FLAGS = ('vocab_size', 'z_channels', 'ch', 'ch_mult', 'num_res_blocks', 'patch_nums')
 
 
-def _ints(s):
-    return tuple(int(v) for v in s.split(','))
-
-
 def config_from_args(args):
     """The preset for the resolution, overridden by any architecture flag that was given."""
     cfg = dict(PRESETS[args.vae_preset], beta=args.beta)
@@ -177,7 +175,7 @@ class Training:
     defaults = dict(weight_decay=0.0, beta1=0.5, beta2=0.9, lr_schedule='cosine', warmup_iters=50)
     no_decay = ('embedding',)
     picture_name = 'recon'
-    saved = {}
+    frozen = ()
 
     @staticmethod
     def add_args(parser):
@@ -185,24 +183,31 @@ class Training:
         g.add_argument('--vae_preset', choices=list(PRESETS), default=None,
                        help="tokenizer size: 'tiny' (default up to 64 px) or 'var' = the released "
                             "vae_ch160v4096z32 (default above 64 px)")
-        g.add_argument('--vocab_size', type=int, help='codebook size V')
-        g.add_argument('--z_channels', type=int, help='latent channels C')
-        g.add_argument('--ch', type=int, help='base conv width (multiple of 32)')
-        g.add_argument('--ch_mult', type=_ints,
+        g.add_argument('--vocab_size', type=cli.number(int, lambda v: v >= 2, 'an integer >= 2'),
+                       help='codebook size V')
+        g.add_argument('--z_channels', type=cli.positive_int, help='latent channels C')
+        g.add_argument('--ch', type=cli.number(int, lambda v: v > 0 and v % 32 == 0,
+                                               'a positive multiple of 32'),
+                       help='base conv width (GroupNorm(32): a multiple of 32)')
+        g.add_argument('--ch_mult', type=cli.positive_ints,
                        help='width multipliers, e.g. 1,2,2 (downsampling 4)')
-        g.add_argument('--num_res_blocks', type=int, help='residual blocks per resolution')
-        g.add_argument('--patch_nums', type=_ints,
+        g.add_argument('--num_res_blocks', type=cli.positive_int,
+                       help='residual blocks per resolution')
+        g.add_argument('--patch_nums', type=cli.positive_ints,
                        help='token map sides, ending at the latent size (default: by latent size)')
-        g.add_argument('--beta', type=float, default=0.25, help='commitment weight (VAR Eq. 5)')
-        g.add_argument('--l1', type=float, default=1.0, help='weight of the L1 loss')
-        g.add_argument('--l2', type=float, default=1.0, help='weight of the L2 loss')
+        g.add_argument('--beta', type=cli.nonneg_float, default=0.25,
+                       help='commitment weight (VAR Eq. 5)')
+        g.add_argument('--l1', type=cli.nonneg_float, default=1.0, help='weight of the L1 loss')
+        g.add_argument('--l2', type=cli.nonneg_float, default=1.0, help='weight of the L2 loss')
         g.add_argument('--lpips_vgg', default='', help='torchvision vgg16 weights: enables LPIPS')
         g.add_argument('--lpips_lin', default='', help="LPIPS' vgg.pth linear-layer weights")
-        g.add_argument('--lpips_weight', type=float, default=1.0, help='weight of LPIPS')
-        g.add_argument('--disc_weight', type=float, default=0.0,
+        g.add_argument('--lpips_weight', type=cli.nonneg_float, default=1.0,
+                       help='weight of LPIPS')
+        g.add_argument('--disc_weight', type=cli.nonneg_float, default=0.0,
                        help='PatchGAN hinge loss weight (VQGAN uses 0.8); 0 = no discriminator')
-        g.add_argument('--disc_start', type=int, default=0, help='step the GAN loss starts at')
-        g.add_argument('--reseed_every', type=int, default=100,
+        g.add_argument('--disc_start', type=cli.nonneg_int, default=0,
+                       help='step the GAN loss starts at')
+        g.add_argument('--reseed_every', type=cli.nonneg_int, default=100,
                        help='re-seed unused codes from live features every N steps (0 = never)')
 
     @staticmethod

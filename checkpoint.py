@@ -1,0 +1,184 @@
+"""
+Files a run cannot afford to lose or to misread: checkpoints, token caches, tokenizers.
+
+    save(obj, path)        torch.save through a temporary file of this process alone, then an
+                           atomic rename: a crash, a full disk or a second writer never leaves a
+                           half-written file under `path`, and no temporary file stays behind
+    load(path, what)       torch.load(weights_only=True): no pickle can run code; a missing,
+                           empty, truncated or foreign file is one line naming it, never a
+                           torch traceback
+    OutDirLock(out_dir)    one trainer per output folder: a lock file holding the owner's pid
+                           and host; a lock whose process has died is taken over
+
+Errors a user can fix are raised as SystemExit(message): the command line prints the message
+and exits with status 1, without a traceback.
+"""
+import errno
+import os
+import pickle
+import socket
+import zipfile
+
+import torch
+
+
+def save(obj, path):
+    """torch.save to `path` atomically (a temporary file of this process, then os.replace)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f'{path}.tmp{os.getpid()}'
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if _is_disk_full(e):
+            raise SystemExit(f'disk full while writing {path}: the previous file is intact; '
+                             'free some space and rerun') from None
+        raise
+
+
+def _is_disk_full(e):
+    return getattr(e, 'errno', None) in (errno.ENOSPC, errno.EDQUOT) or \
+        'No space left' in str(e) or 'file write failed' in str(e)
+
+
+def load(path, what='checkpoint'):
+    """torch.load(path, weights_only=True) on the CPU, or SystemExit with one line that names
+    the file and says what is wrong with it."""
+    if not os.path.exists(path):
+        raise SystemExit(f'{what} {path} not found')
+    if os.path.isdir(path):
+        raise SystemExit(f'{what} {path} is a folder, not a file')
+    if os.path.getsize(path) == 0:
+        raise SystemExit(f'{what} {path} is empty (0 bytes): an interrupted copy or save?')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = [ln.strip() for ln in str(e).splitlines() if 'GLOBAL' in ln]
+        if found:   # a class or function outside weights_only's allow-list: never run
+            raise SystemExit(f'{what} {path} holds objects other than tensors and plain '
+                             f'containers, refused for safety ({found[0][:150]})') from None
+        raise SystemExit(f'{what} {path} is not a torch file (not a zip archive nor a '
+                         'pickle of tensors)') from None
+    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as e:
+        raise SystemExit(f'{what} {path} is not a readable torch file (truncated or corrupt?): '
+                         f'{_first_line(e)}') from None
+
+
+def _first_line(e):
+    text = str(e).strip()
+    return f'{type(e).__name__}: {text.splitlines()[0][:200]}' if text else type(e).__name__
+
+
+class OutDirLock:
+    """Holds `<out_dir>/lock` while a trainer writes there. Another live process holding it is
+    an error that names it; a lock left by a process that has died (same host) is taken over."""
+
+    def __init__(self, out_dir):
+        self.path = os.path.join(out_dir, 'lock')
+        self.mine = f'{os.getpid()} {socket.gethostname()}'
+
+    def __enter__(self):
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                if not self._stale():
+                    raise SystemExit(f'{os.path.dirname(self.path)} is in use by another trainer '
+                                     f'(pid and host in {self.path}: {self._owner()}); choose '
+                                     'another --out_dir, or delete the lock if that run is gone')
+                os.remove(self.path)
+                continue
+            with os.fdopen(fd, 'w') as f:
+                f.write(self.mine + '\n')
+            return self
+        raise SystemExit(f'could not take the lock {self.path}')
+
+    def __exit__(self, *exc):
+        if self._owner() == self.mine:
+            os.remove(self.path)
+
+    def _owner(self):
+        try:
+            with open(self.path) as f:
+                return f.read().strip()
+        except OSError:
+            return ''
+
+    def _stale(self):
+        """The owner is a process of this host that no longer runs."""
+        pid, _, host = self._owner().partition(' ')
+        if not pid:   # empty: its writer died between creating and writing it
+            return True
+        if host != socket.gethostname() or not pid.isdigit():
+            return False
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+
+# ----------------------------------------------------------------------------------------------
+# train.py's checkpoint: one dict of plain types and tensors (`kind`, `config`, `model`, `ema`,
+# `optimizer`, `step`, `data_cursor`, `args`, the frozen inputs' flags, ...). The run's state s
+# holds raw, ema, optimizer, disc, disc_opt, scaler, step, cursor, skipped.
+
+# flags that choose the data: a run cannot resume with others
+DATA_FLAGS = ('data', 'resolution', 'train_images')
+
+
+def to_resume(path, args, frozen, print0):
+    """The checkpoint of this --out_dir, if --resume auto finds one of this --model, made from
+    the same data and the same frozen inputs (a resume must not train on other tokens)."""
+    if args.resume != 'auto' or not os.path.exists(path):
+        return None
+    ckpt = load(path)
+    if ckpt.get('kind') != args.model:
+        raise SystemExit(f"{path} holds a {ckpt.get('kind')} run, not {args.model}: "
+                         'choose another --out_dir or pass --resume never')
+    before = ckpt.get('args', {})
+    changed = [f'--{k} {before[k]} (now {getattr(args, k)})' for k in (*DATA_FLAGS, *frozen)
+               if k in before and before[k] != getattr(args, k)]
+    if changed:
+        raise SystemExit(f"{path} was trained with {', '.join(changed)}: resuming would train "
+                         'on other data; rerun with the same flags, or pass --resume never or '
+                         'another --out_dir')
+    print0(f'resuming from {path} at step {ckpt["step"]}')
+    return ckpt
+
+
+def save_run(path, s, config, args, frozen, class_names):
+    """Everything a resume needs, as plain types and tensors (weights_only loading); never
+    non-finite weights (the previous checkpoint is kept and the run stops)."""
+    disc = s['disc']
+    for name, t in s['raw'].named_parameters():   # buffers may hold -inf (attention masks)
+        if not torch.isfinite(t).all():
+            raise SystemExit(f"not saving {path}: {name} is not finite at step {s['step']}; "
+                             'the previous checkpoint is kept. Lower --lr and rerun to resume.')
+    save(dict(
+        kind=args.model, config=config, model=s['raw'].state_dict(),
+        **{k: getattr(args, k) for k in frozen},
+        ema=s['ema'].state_dict() if s['ema'] is not None else None,
+        optimizer=s['optimizer'].state_dict(), step=s['step'], data_cursor=list(s['cursor']),
+        skipped_files=s['skipped'], args=vars(args), class_names=class_names,
+        disc=disc.state_dict() if disc is not None else None,
+        disc_optimizer=s['disc_opt'].state_dict() if disc is not None else None,
+        scaler=s['scaler'].state_dict()), path)
+
+
+def restore(s, ckpt):
+    """Put a train.py checkpoint into the run's state s (what save_run wrote)."""
+    s['raw'].load_state_dict(ckpt['model'])
+    s['optimizer'].load_state_dict(ckpt['optimizer'])
+    if s['ema'] is not None:
+        s['ema'].load_state_dict(ckpt['ema'] or ckpt['model'])
+    if s['disc'] is not None and ckpt.get('disc'):
+        s['disc'].load_state_dict(ckpt['disc'])
+        s['disc_opt'].load_state_dict(ckpt['disc_optimizer'])
+    s['scaler'].load_state_dict(ckpt['scaler'])
+    s.update(step=ckpt['step'], cursor=tuple(ckpt['data_cursor']), skipped=ckpt['skipped_files'])
