@@ -160,13 +160,13 @@ def test_data_bad_file_warns_once(tmp_path):
 
 
 def test_data_clear_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match='nowhere'):
+    with pytest.raises(SystemExit, match='nowhere'):   # a user's mistake: one line, no traceback
         data.ImageFolder(str(tmp_path / 'nowhere'), 8)
-    with pytest.raises(FileNotFoundError, match='nowhere'):
+    with pytest.raises(SystemExit, match='nowhere'):
         data.build_dataset(str(tmp_path / 'nowhere'), 8, train=True)
     (tmp_path / 'junk').mkdir()
     (tmp_path / 'junk' / 'a.txt').write_text('x')
-    with pytest.raises(RuntimeError, match='no images found'):
+    with pytest.raises(SystemExit, match='no images found'):
         folder_dataset(tmp_path / 'junk')
     (tmp_path / 'bad').mkdir()
     for i in range(3):
@@ -209,7 +209,7 @@ def test_data_build_dataset_splits(tmp_path):
         assert ds.class_names == ['a', 'b'] and ds.train == train
         assert all(os.sep + ('train' if train else 'val') + os.sep in p for p, _ in ds.samples)
     os.rename(tmp_path / 'tv' / 'val' / 'b', tmp_path / 'tv' / 'val' / 'c')
-    with pytest.raises(ValueError, match='same class folders'):
+    with pytest.raises(SystemExit, match='same class folders'):
         data.build_dataset(str(tmp_path / 'tv'), 8, train=False)
     (tmp_path / 'flat').mkdir()
     for i in range(60):
@@ -2503,6 +2503,8 @@ BAD_COMMAND_LINES = [
      '--total_batch_size', 1),
     ('train', ['--resolution', '24', '--out_dir', '{tmp}/o'], 'resolution 24', 1),
     ('train', ['--model', 'var', '--vae', '{garbage}', '--out_dir', '{tmp}/o'], 'garbage.pt', 1),
+    ('train', ['--data', '{tmp}/nowhere', '--out_dir', '{tmp}/o'], 'nowhere', 1),
+    ('tokenizer', ['fit', '--encoder', '{dino}', '--data', '{tmp}/nowhere', *TA], 'nowhere', 1),
 ]
 
 
