@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 import checkpoint
 
@@ -60,8 +61,8 @@ class Attention(nn.Module):
 
     def forward(self, x, attn_mask=None):
         """x (B, L, C), attn_mask (1, 1, L, L_kv) or (L, L_kv), additive or boolean (True =
-        attend), or None -> (B, L, C). With the cache on, keys and values of earlier calls are
-        prepended (generation scale by scale, or token by token)."""
+        attend), a FlexAttention BlockMask, or None -> (B, L, C). With the cache on, keys and
+        values of earlier calls are prepended (generation scale by scale, or token by token)."""
         B, L, C = x.shape
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
         qkv = F.linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.n_head, self.head_dim)
@@ -74,7 +75,10 @@ class Attention(nn.Module):
                 k = torch.cat((self.kv_cache[0], k), dim=2)                       # (B, H, L_kv, c)
                 v = torch.cat((self.kv_cache[1], v), dim=2)
             self.kv_cache[:] = [k, v]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale)
+        if isinstance(attn_mask, BlockMask):   # FlexAttention: only the blocks the mask keeps
+            y = flex_attention(q, k, v, block_mask=attn_mask, scale=self.scale)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale)
         return self.proj(y.transpose(1, 2).reshape(B, L, C))
 
 

@@ -1272,6 +1272,24 @@ def test_var_block_causal_mask():
         assert ((out[:, start:end] - ref[:, start:end]).abs().amax(-1) > 1e-6).all(), k
 
 
+def test_var_flex_attention_block_mask_equals_the_dense_mask():
+    """--attn flex: Eq. 6 as a FlexAttention BlockMask gives the logits of the dense additive
+    mask (eager flex on CPU, forward only: its backward is GPU-only; compiled on a GPU it skips
+    the masked blocks), also for a prefix of the scales; the mask is built once per length."""
+    model = tiny_var()
+    vae = model.vae[0]
+    x, labels = vae.idx_to_var_input(vae.img_to_idx(images())), torch.tensor([0, 1, 2, 3])
+    outs = []
+    for impl in ('sdpa', 'flex'):
+        model.attn_impl = impl
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter('ignore')   # flex without torch.compile: unfused, warned
+            outs.append((model(labels, x), model(labels, x[:, :4])))   # all; scales 1x1, 2x2
+    for ref, flex in zip(*outs):
+        torch.testing.assert_close(flex, ref, atol=1e-5, rtol=0)
+    assert sorted(n for n, _ in model.block_masks) == [5, model.L]
+
+
 def test_var_kv_cache_sampling_equals_full_recompute_and_cfg():
     """Greedy tokens drawn scale by scale with the kv cache equal the argmax of the
     teacher-forced logits recomputed from scratch; with cfg the recompute combines the
@@ -2504,6 +2522,8 @@ BAD_COMMAND_LINES = [
     ('train', ['--resolution', '24', '--out_dir', '{tmp}/o'], 'resolution 24', 1),
     ('train', ['--model', 'var', '--vae', '{garbage}', '--out_dir', '{tmp}/o'], 'garbage.pt', 1),
     ('train', ['--data', '{tmp}/nowhere', '--out_dir', '{tmp}/o'], 'nowhere', 1),
+    ('train', ['--model', 'var', '--attn', 'flex', '--device', 'cpu', '--out_dir', '{tmp}/o'],
+     '--attn flex', 1),
     ('tokenizer', ['fit', '--encoder', '{dino}', '--data', '{tmp}/nowhere', *TA], 'nowhere', 1),
 ]
 

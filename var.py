@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask
 
 import checkpoint
 import data
@@ -102,6 +103,7 @@ class VAR(nn.Module):
         self.register_buffer('lvl_1L', lvl.view(1, self.L))
         mask = torch.where(lvl[:, None] >= lvl[None, :], 0.0, -torch.inf)           # (L, L)
         self.register_buffer('attn_bias_for_masking', mask.view(1, 1, self.L, self.L))
+        self.attn_impl, self.block_masks = 'sdpa', {}   # 'flex': FlexAttention (GPU speed)
         self.init_weights()
 
     def init_weights(self):
@@ -127,6 +129,15 @@ class VAR(nn.Module):
                     block.ada_lin[-1].weight[2 * C:].mul_(cfg.init_adaln)
                     block.ada_lin[-1].weight[:2 * C].mul_(cfg.init_adaln_gamma)
 
+    def block_mask(self, n, device):
+        """Eq. 6's mask over the first n positions as a FlexAttention BlockMask (cached): a
+        position attends to its own scale and the coarser ones."""
+        if (n, str(device)) not in self.block_masks:
+            lvl = self.lvl_1L[0, :n].to(device)                                       # (n,)
+            self.block_masks[n, str(device)] = create_block_mask(
+                lambda b, h, q, kv: lvl[q] >= lvl[kv], None, None, n, n, device=device)
+        return self.block_masks[n, str(device)]
+
     def logits(self, h, cond):
         """AdaLN before head, then the head, in fp32: (B, l, C) -> (B, l, V)."""
         return self.head(self.head_nm(h.float(), cond).float()).float()
@@ -148,6 +159,8 @@ class VAR(nn.Module):
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(
             x.device.type) else torch.float32
         h, mask = h.to(dtype), self.attn_bias_for_masking[:, :, :n, :n].to(dtype)
+        if self.attn_impl == 'flex':   # the same mask as blocks: fully masked blocks skipped
+            mask = self.block_mask(n, x.device)
         for block in self.blocks:
             h = block(h, cond_blocks, mask)
         return self.logits(h, cond)
@@ -271,6 +284,8 @@ class Training:
         g = parser.add_argument_group('var (--model var; also --depth, --vae, --cfg, ...)')
         g.add_argument('--cache_tokens', action=argparse.BooleanOptionalAction, default=True,
                        help='tokenize the data once (eval crops) instead of every batch')
+        g.add_argument('--attn', choices=['sdpa', 'flex'], default='sdpa', help="the block-causal "
+                       "mask as SDPA's dense mask, or FlexAttention's block mask (CUDA, compiled)")
 
     @staticmethod
     def finish_args(args):
@@ -281,6 +296,8 @@ class Training:
 
     def __init__(self, args, train_set, val_set, run):
         self.args, self.run = args, run
+        if args.attn == 'flex' and not run.device.startswith('cuda'):
+            raise SystemExit('--attn flex needs a CUDA device (FlexAttention trains on GPUs only)')
         self.vae = vae = vqvae.VQVAE.frozen(args.vae, args.resolution, run.device)
         self.train_set, self.val_set = train_set, val_set
         if args.cache_tokens:   # the frozen tokenizer off the training step's path
@@ -295,7 +312,9 @@ class Training:
                                        patch_nums=vae.config.patch_nums))
 
     def build(self):
-        return VAR(self.vae, **self.config)
+        model = VAR(self.vae, **self.config)
+        model.attn_impl = self.args.attn
+        return model
 
     def loss(self, model, batch, step):
         """Cross-entropy over all L tokens (mean, as the official trainer), and per scale the
