@@ -6,7 +6,8 @@ Files a run cannot afford to lose or to misread: checkpoints, token caches, toke
                            half-written file under `path`, and no temporary file stays behind
     load(path, what)       torch.load(weights_only=True): no pickle can run code; a missing,
                            empty, truncated or foreign file is one line naming it, never a
-                           torch traceback
+                           torch traceback. foreign=True also reads DiGIT's released fairseq
+                           files: the few classes their pickles name become inert stand-ins
     OutDirLock(out_dir)    one trainer per output folder: a lock file holding the owner's pid
                            and host; a lock whose process has died is taken over
 
@@ -43,9 +44,10 @@ def _is_disk_full(e):
         'No space left' in str(e) or 'file write failed' in str(e)
 
 
-def load(path, what='checkpoint'):
+def load(path, what='checkpoint', foreign=False):
     """torch.load(path, weights_only=True) on the CPU, or SystemExit with one line that names
-    the file and says what is wrong with it."""
+    the file and says what is wrong with it. foreign: also allow FOREIGN's names (fairseq's
+    cfg and args), and a fairseq file's cfg and args come back as plain dicts."""
     if not os.path.exists(path):
         raise SystemExit(f'{what} {path} not found')
     if os.path.isdir(path):
@@ -53,7 +55,11 @@ def load(path, what='checkpoint'):
     if os.path.getsize(path) == 0:
         raise SystemExit(f'{what} {path} is empty (0 bytes): an interrupted copy or save?')
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        with torch.serialization.safe_globals(FOREIGN if foreign else []):
+            obj = torch.load(path, map_location='cpu', weights_only=True)
+        if foreign and is_fairseq(obj):
+            obj.update({k: plain(obj[k]) for k in ('cfg', 'args') if k in obj})
+        return obj
     except pickle.UnpicklingError as e:
         found = [ln.strip() for ln in str(e).splitlines() if 'GLOBAL' in ln]
         if found:   # a class or function outside weights_only's allow-list: never run
@@ -69,6 +75,53 @@ def load(path, what='checkpoint'):
 def _first_line(e):
     text = str(e).strip()
     return f'{type(e).__name__}: {text.splitlines()[0][:200]}' if text else type(e).__name__
+
+
+# Foreign files. DiGIT's released checkpoints are fairseq's: a dict {'cfg' or 'args', 'model',
+# 'optimizer_history', 'extra_state', ...}. fairseq 0.12 stores cfg as plain containers, older
+# releases as OmegaConf objects or an argparse.Namespace. Those names map to Stand-ins that
+# keep the state the pickle hands them and run nothing; plain() reads that state back as dicts,
+# lists and values. weights_only stays on: every other global is still refused.
+
+class StandIn:
+    """An allowed foreign object: its pickled state, kept, nothing called."""
+
+    def __new__(cls, *args):
+        return super().__new__(cls)
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+OMEGACONF = {'dictconfig': ['DictConfig'], 'listconfig': ['ListConfig'],
+             'base': ['ContainerMetadata', 'Metadata'],
+             'nodes': ['AnyNode', 'StringNode', 'IntegerNode', 'FloatNode', 'BooleanNode',
+                       'BytesNode', 'PathNode']}
+FOREIGN = [(type(name, (StandIn,), {}), f'omegaconf.{module}.{name}')
+           for module, names in OMEGACONF.items() for name in names] + [
+    (type('Namespace', (StandIn,), {}), 'argparse.Namespace'),
+    (type('Any', (StandIn,), {}), 'typing.Any')]   # OmegaConf metadata names it as a type
+
+
+def plain(obj):
+    """Stand-ins inside obj -> plain values: a DictConfig or ListConfig -> its _content (a dict
+    or list of nodes; None or a '???' / '${...}' string as stored), a node -> its _val, an
+    argparse.Namespace -> a dict of its attributes. Containers are rebuilt, the rest kept."""
+    if isinstance(obj, StandIn):
+        state = getattr(obj, 'state', None)
+        state = state if isinstance(state, dict) else {}
+        return plain(state.get('_content', state.get('_val', state)))
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if type(obj) in (list, tuple):
+        return type(obj)(plain(v) for v in obj)
+    return obj
+
+
+def is_fairseq(obj):
+    """A fairseq checkpoint: a dict whose 'model' holds a decoder's weights, not train.py's."""
+    return isinstance(obj, dict) and 'kind' not in obj and isinstance(obj.get('model'), dict) \
+        and any(k.startswith('decoder.') for k in obj['model'])
 
 
 class OutDirLock:

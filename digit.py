@@ -26,6 +26,7 @@ import os
 from dataclasses import asdict
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import checkpoint
@@ -243,24 +244,81 @@ class ProbeTraining:
         if not os.path.exists(args.gpt):
             raise SystemExit(f'--gpt {args.gpt} not found: train one (python train.py '
                              '--model gpt)')
-        self.probed = checkpoint.load(args.gpt, '--gpt')
-        if self.probed.get('kind') != 'gpt':
-            raise SystemExit(f"--gpt {args.gpt} holds a {self.probed.get('kind')} run, not a gpt")
-        args.tokenizer = self.probed['tokenizer']   # the GPT's own tokenizer
+        state = checkpoint.load(args.gpt, '--gpt', foreign=True)
+        self.released = checkpoint.is_fairseq(state)   # DiGIT's stage 1: its own protocol
+        if not self.released and state.get('kind') != 'gpt':
+            raise SystemExit(f"--gpt {args.gpt} holds a {state.get('kind')} run, not a gpt")
+        if not self.released:
+            args.tokenizer = state['tokenizer']   # the GPT's own tokenizer
+        self.probed = gpt.GPT.from_checkpoint(state, ['gpt'])
         tok = load_tokenizer(args.tokenizer, run.device)
+        if (tok.vocab_size, tok.grid ** 2) != (self.probed.config.vocab_size,
+                                               self.probed.config.block_size):
+            raise SystemExit(f'--tokenizer {args.tokenizer} makes {tok.grid ** 2} tokens of '
+                             f'{tok.vocab_size}, --gpt {args.gpt} reads '
+                             f'{self.probed.config.block_size} of {self.probed.config.vocab_size}')
         cache_tokens(self, tok.encode, token_key(tok), args, run)
-        self.config = dict(gpt=self.probed['config'], num_classes=train_set.num_classes)
+        depth = self.probed.config.depth
+        self.config = dict(gpt=asdict(self.probed.config), num_classes=train_set.num_classes,
+                           layers=list(range(depth if self.released else depth + 1)),
+                           last=self.released)
 
     def build(self):
-        return gpt.LinearProbe(gpt.GPT.from_checkpoint(self.probed, ['gpt']),
-                               self.config['num_classes'])
+        c = self.config
+        return LinearProbe(self.probed, c['num_classes'], c['layers'], c['last'])
 
     def loss(self, model, batch, step):
         return model(batch[0].to(self.run.device), batch[1].to(self.run.device))
 
     def summary(self, r, step):
-        accs = [r[f'acc_{i}'] for i in range(self.config['gpt']['depth'] + 1)]
-        best = max(range(len(accs)), key=accs.__getitem__)
+        accs = {i: r[f'acc_{i}'] for i in self.config['layers']}
+        best = max(accs, key=accs.get)
         return (f'linear probe of {self.args.gpt}, held-out top-1 per layer (0 = embeddings) '
-                f'after {step} steps:\n' + ' '.join(f'{i}: {a:.1f}%' for i, a in enumerate(accs))
+                f'after {step} steps:\n' + ' '.join(f'{i}: {a:.1f}%' for i, a in accs.items())
                 + f'\nbest: layer {best}')
+
+
+class LinearProbe(nn.Module):
+    """DiGIT's linear probe (Table 2, Fig. 3b; iGPT's protocol): a frozen GPT, and one linear
+    classifier per hidden state on its mean over positions. idx (B, L), labels (B,) -> sum
+    over layers of the cross-entropies, and parts {'ce_i', 'acc_i' (top-1 %)} for every probed
+    state i (0: the embeddings, i: block i's output, before ln_f). important! The GPT sees the
+    null class (BOS), never the labels (they are only the targets); it stays in eval mode and
+    gets no gradient. Optimise only the heads (probe.heads.parameters()).
+    layers: the states probed (default 0..depth); last: the mean over all L + 1 positions
+    [start, x_1..x_L], not the L target positions [start, x_1..x_{L-1}]. DiGIT's protocol
+    (reference/digit_official.md 2.5), used for its released stage 1: layers 0..depth-1 and
+    last, fairseq's inner_states over the 257 positions [BOS, x_1..x_256]. DiGIT trains with SGD
+    lr 0.4, momentum 0.9, RandomResizedCrop + flip; we train on cached tokens."""
+
+    def __init__(self, model, num_classes, layers=None, last=False):
+        super().__init__()
+        self.gpt = model.eval().requires_grad_(False)
+        self.layers = list(range(model.config.depth + 1)) if layers is None else list(layers)
+        self.last = last
+        self.heads = nn.ModuleList([nn.Linear(model.config.n_embd, num_classes)
+                                    for _ in self.layers])
+        for head in self.heads:   # DiGIT's init
+            nn.init.normal_(head.weight, std=0.01)
+            nn.init.zeros_(head.bias)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.gpt.eval()   # important! frozen: no dropout, no label dropping
+        return self
+
+    @torch.no_grad()
+    def features(self, idx):
+        """idx (B, L) -> the position-averaged hidden states (B, C) of the probed layers."""
+        states = self.gpt.hidden_states(idx, last=self.last)
+        return [states[i].mean(1) for i in self.layers]
+
+    def forward(self, idx, labels):
+        loss, parts = 0.0, {}
+        for i, head, f in zip(self.layers, self.heads, self.features(idx)):
+            logits = head(f).float()                                              # (B, classes)
+            ce = F.cross_entropy(logits, labels)
+            loss = loss + ce
+            parts[f'ce_{i}'] = ce.detach()
+            parts[f'acc_{i}'] = (logits.argmax(-1) == labels).float().mean().detach() * 100
+        return loss, parts

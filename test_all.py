@@ -5,6 +5,7 @@ an error message, and is named after it.
     python -m pytest test_all.py -q                 # everything
     python -m pytest test_all.py -q -k vqvae        # one part
 """
+import argparse
 import errno
 import hashlib
 import os
@@ -12,7 +13,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import types
+import typing
 import warnings
+from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -23,6 +27,7 @@ from PIL import Image
 
 import checkpoint
 import data
+import digit
 import fid
 import inception
 import gpt
@@ -31,6 +36,7 @@ import sample
 import standin
 import tokenizer
 import train
+import transformer
 import var
 import vqvae
 import vqvae_train
@@ -1332,18 +1338,18 @@ def test_var_sampling_is_seeded_and_filtered():
 
 def test_top_k_top_p_filter_by_hand():
     logits = torch.tensor([[[1.0, 2.0, 3.0, 4.0]]])
-    kept = gpt.top_k_top_p_filter_(logits.clone(), top_k=2).isfinite()
+    kept = transformer.top_k_top_p_filter_(logits.clone(), top_k=2).isfinite()
     assert kept.tolist() == [[[False, False, True, True]]]
     p = torch.tensor([0.05, 0.15, 0.3, 0.5])        # top_p 0.75: {0.5, 0.3} reach 0.8
-    kept = gpt.top_k_top_p_filter_(p.log()[None, None], top_p=0.75).isfinite()
+    kept = transformer.top_k_top_p_filter_(p.log()[None, None], top_p=0.75).isfinite()
     assert kept.tolist() == [[[False, False, True, True]]]
-    kept = gpt.top_k_top_p_filter_(p.log()[None, None], top_p=0.1).isfinite()
+    kept = transformer.top_k_top_p_filter_(p.log()[None, None], top_p=0.1).isfinite()
     assert kept.tolist() == [[[False, False, False, True]]]   # the best token always stays
     rng = torch.Generator().manual_seed(0)   # a cold temperature is greedy; a hot one is not
     logits = torch.randn(2, 50, 16)
-    cold = gpt.sample(logits.clone(), rng=rng, temperature=1e-4)
+    cold = transformer.sample(logits.clone(), rng=rng, temperature=1e-4)
     assert torch.equal(cold, logits.argmax(-1))
-    assert not torch.equal(gpt.sample(logits.clone(), rng=rng, temperature=10.0), cold)
+    assert not torch.equal(transformer.sample(logits.clone(), rng=rng, temperature=10.0), cold)
 
 
 def test_var_zero_shot_editing_forces_the_kept_tokens():
@@ -1656,7 +1662,7 @@ def lower_upper_halves(B, seed):
 def test_linear_probe_separates_lower_vs_upper_half_of_the_vocabulary():
     """40 Adam steps on the heads: some layer classifies held-out data ~perfectly; the loss is
     the sum of the per-layer cross-entropies; parts are acc_0..acc_D, ce_0..ce_D."""
-    probe = gpt.LinearProbe(tiny_gpt(), num_classes=2).train()
+    probe = digit.LinearProbe(tiny_gpt(), num_classes=2).train()
     opt = torch.optim.Adam(probe.heads.parameters(), lr=0.05)
     idx, y = lower_upper_halves(64, seed=0)
     for _ in range(40):
@@ -1676,7 +1682,7 @@ def test_linear_probe_gpt_stays_frozen_in_eval_mode_and_gets_no_grad():
     features are deterministic even with dropout 0.5); the heads start at N(0, 0.01), bias 0."""
     model = tiny_gpt(dropout=0.5)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    probe = gpt.LinearProbe(model, num_classes=2).train()
+    probe = digit.LinearProbe(model, num_classes=2).train()
     assert probe.heads.training and not model.training
     assert not any(p.requires_grad for p in model.parameters())
     assert all(h.bias.eq(0).all() and h.weight.std() < 0.02 for h in probe.heads)
@@ -1698,7 +1704,7 @@ def test_linear_probe_feeds_the_null_class_never_the_labels():
     depend on the labels (they are the mean hidden states of the null-class pass, which differ
     from those of a class-conditioned pass); changing labels changes only the targets."""
     model, idx = tiny_gpt(), gpt_tokens()
-    probe, seen = gpt.LinearProbe(model, num_classes=GNC), []
+    probe, seen = digit.LinearProbe(model, num_classes=GNC), []
     model.class_emb.register_forward_hook(lambda m, args, out: seen.append(args[0]))
     probe(idx, LABELS)
     probe(idx, (LABELS + 1) % GNC)
@@ -1708,6 +1714,286 @@ def test_linear_probe_feeds_the_null_class_never_the_labels():
     cond = [h.mean(1) for h in model.hidden_states(idx, LABELS)]
     assert all(torch.equal(f, n) for f, n in zip(feats, null))
     assert not torch.allclose(feats[-1], cond[-1])
+
+
+# --- DiGIT's released checkpoints: fairseq stage 1 and 2 -> gpt.GPT; the foreign unpickler ---
+
+FS_C, FS_H, FS_V, FS_VQ = 32, 4, 12, 10   # tiny fairseq decoders: width, heads, clusters, codes
+
+
+def fairseq_decoder(sd, tokens, heads, normalize_before, prefix=0):
+    """fairseq 0.12's TransformerDecoder without cross-attention, written from its source on
+    its own key names as the reference: dictionary ids (B, T) -> logits (B, T, V_out) and the
+    inner_states (the embeddings, then each layer's output). Stage 2: the first `prefix` ids
+    take embed_positions_1, the rest embed_positions, both counting from row 2."""
+    w = {k[len('decoder.'):]: v.float() for k, v in sd.items() if k.startswith('decoder.')}
+    (B, T), C = tokens.shape, w['embed_tokens.weight'].shape[1]
+    pos = [w['embed_positions_1.weight'][2:2 + prefix]] if prefix else []
+    pos = torch.cat(pos + [w['embed_positions.weight'][2:2 + T - prefix]])
+    x = C ** 0.5 * w['embed_tokens.weight'][tokens] + pos
+    states, mask = [x], torch.full((T, T), -torch.inf).triu(1)
+    lin = lambda h, n: F.linear(h, w[n + '.weight'], w[n + '.bias'])
+    ln = lambda h, n: F.layer_norm(h, (C,), w[n + '.weight'], w[n + '.bias'], 1e-5)
+    split = lambda h: h.view(B, T, heads, -1).transpose(1, 2)                   # (B, H, T, c)
+    for i in range(sum(k.endswith('q_proj.weight') for k in w)):
+        f = f'layers.{i}.'
+        h = ln(x, f + 'self_attn_layer_norm') if normalize_before else x
+        q = split(lin(h, f + 'self_attn.q_proj')) * (C // heads) ** -0.5
+        k, v = split(lin(h, f + 'self_attn.k_proj')), split(lin(h, f + 'self_attn.v_proj'))
+        a = ((q @ k.transpose(2, 3) + mask).softmax(-1) @ v).transpose(1, 2).reshape(B, T, C)
+        x = x + lin(a, f + 'self_attn.out_proj')
+        x = x if normalize_before else ln(x, f + 'self_attn_layer_norm')
+        h = ln(x, f + 'final_layer_norm') if normalize_before else x
+        x = x + lin(F.gelu(lin(h, f + 'fc1')), f + 'fc2')
+        x = x if normalize_before else ln(x, f + 'final_layer_norm')
+        states.append(x)
+    if 'layer_norm.weight' in w:
+        x = ln(x, 'layer_norm')
+    return x @ w['output_projection.weight'].T, states
+
+
+def fairseq_weights(stage2=False, classes=0, depth=2, seed=0):
+    """Random fp16 weights with a DiGIT decoder's key names (tiny sizes), and a few of the
+    other entries a released file holds (tokenizer, VQGAN)."""
+    g = torch.Generator().manual_seed(seed)
+    C, n = FS_C, 5
+    rows = n + FS_VQ + n + FS_V if stage2 else n + FS_V + classes
+    shapes = {'embed_tokens.weight': (rows, C), 'embed_positions.weight': (1026, C),
+              'output_projection.weight': (n + (FS_VQ if stage2 else FS_V), C)}
+    if stage2:
+        shapes.update({'embed_positions_1.weight': (1026, C), 'layer_norm.weight': (C,),
+                       'layer_norm.bias': (C,)})
+    for i in range(depth):
+        for name, shape in [(f'self_attn.{x}_proj', (C, C)) for x in 'qkv'] + [
+                ('self_attn.out_proj', (C, C)), ('fc1', (4 * C, C)), ('fc2', (C, 4 * C))]:
+            shapes[f'layers.{i}.{name}.weight'], shapes[f'layers.{i}.{name}.bias'] = \
+                shape, shape[:1]
+        for name in ('self_attn_layer_norm', 'final_layer_norm'):
+            shapes[f'layers.{i}.{name}.weight'] = shapes[f'layers.{i}.{name}.bias'] = (C,)
+    sd = OrderedDict((f'decoder.{k}', (torch.randn(s, generator=g) * (0.5 if len(s) > 1 else 0.2)
+                                       + ('norm.weight' in k)).half()) for k, s in shapes.items())
+    sd.update({'decoder.version': torch.tensor([3.0]), 'centroids': torch.randn(8, FS_V).half()})
+    if stage2:
+        sd['vqgan.quantize.embedding.weight'] = torch.randn(FS_VQ, 4).half()
+    return sd
+
+
+def fairseq_file(path, stage2=False, classes=0, seed=0):
+    """A checkpoint laid out as fairseq 0.12's Trainer saves it (cfg as plain containers)."""
+    model = dict(_name='st2vtlm' if stage2 else 'stlm', decoder_attention_heads=FS_H,
+                 decoder_normalize_before=stage2, activation_fn='gelu', dropout=0.1)
+    torch.save(dict(args=None, cfg=dict(model=model, task=dict(_name='image_generation')),
+                    model=fairseq_weights(stage2, classes, seed=seed), criterion=None,
+                    optimizer_history=[dict(criterion_name='LabelSmoothedCE', num_updates=7,
+                                            optimizer_name='FP16Optimizer',
+                                            lr_scheduler_state=dict(best=None))],
+                    task_state={}, extra_state=dict(metrics={}, previous_training_time=1.5),
+                    last_optimizer_state=dict(state={}, param_groups=[dict(lr=[3e-4])])), path)
+    return path
+
+
+def fs_ids(tokens, first):
+    """Our ids (B, L) -> fairseq's [first, t_1 + 5, ..., t_L + 5] (B, L + 1); first: an id
+    or one per row (B,)."""
+    first = torch.as_tensor(first).expand(len(tokens))
+    return torch.cat((first[:, None], tokens + 5), 1)
+
+
+@pytest.mark.parametrize('classes', [0, 3])
+def test_fairseq_stage1_gives_the_reference_decoders_logits_and_greedy_tokens(tmp_path, classes):
+    """DiGIT's stage 1 (post-LN, no final LN, x sqrt(C) embeddings, positions from 2, exact
+    GELU), unconditional (</s> first) or class-conditional (class c = id 5 + V + c first),
+    loaded from a fairseq-format fp16 file: logits = the reference's on the image tokens
+    (1e-4, fp32), over all 256 positions; greedy generation = the reference's argmax."""
+    path = fairseq_file(tmp_path / 'checkpoint_stage1.pt', classes=classes)
+    model = gpt.GPT.from_checkpoint(str(path), ['gpt'])
+    c = model.config
+    assert (c.post_ln, c.final_norm, c.gelu, c.vocab_size, c.num_classes, c.block_size) == \
+        (True, False, 'exact', FS_V, classes, 256) and c.embed_scale == FS_C ** 0.5
+    sd = checkpoint.load(str(path), foreign=True)['model']
+    idx = torch.randint(0, FS_V, (2, 256), generator=torch.Generator().manual_seed(3))
+    labels = torch.tensor([2, 0]) if classes else None
+    first = 5 + FS_V + labels if classes else 2   # the class id, or </s>
+    ref, _ = fairseq_decoder(sd, fs_ids(idx, first), FS_H, normalize_before=False)
+    assert (model(idx, labels) - ref[:, :256, 5:]).abs().max() < 1e-4
+    out = model.generate(labels if classes else torch.zeros(2).long(), num_tokens=12, top_k=1)
+    ref, _ = fairseq_decoder(sd, fs_ids(out, first), FS_H, normalize_before=False)
+    assert torch.equal(ref[:, :12, 5:].argmax(-1), out)
+
+
+def test_fairseq_stage2_gives_the_reference_decoders_logits_and_greedy_tokens(tmp_path):
+    """DiGIT's stage 2 (pre-LN, a final LN, one table: its 5 + VQ ids, then stage 1's 5 + V;
+    two position tables): [s + 5 + VQ + 5 ; </s>, v + 5] -> logits of the reference at the
+    target positions (1e-4) and greedy VQ tokens equal to its argmax."""
+    path = fairseq_file(tmp_path / 'checkpoint_stage2.pt', stage2=True)
+    model = gpt.GPT.from_checkpoint(str(path), ['stage2'])
+    c = model.config
+    assert (c.post_ln, c.final_norm, c.vocab_size, c.source_vocab_size, c.source_len,
+            c.num_classes) == (False, True, FS_VQ, FS_V, 256, 0)
+    sd, g = checkpoint.load(str(path), foreign=True)['model'], torch.Generator().manual_seed(4)
+    src, idx = torch.randint(0, FS_V, (2, 256), generator=g), torch.randint(0, FS_VQ, (2, 256))
+    ids = lambda v: torch.cat((src + 5 + FS_VQ + 5, fs_ids(v, 2)), 1)
+    ref, _ = fairseq_decoder(sd, ids(idx), FS_H, normalize_before=True, prefix=256)
+    assert (model(idx, source=src) - ref[:, 256:512, 5:]).abs().max() < 1e-4
+    out = model.generate(torch.zeros(2).long(), num_tokens=12, top_k=1, source=src)
+    ref, _ = fairseq_decoder(sd, ids(out), FS_H, normalize_before=True, prefix=256)
+    assert torch.equal(ref[:, 256:268, 5:].argmax(-1), out)
+
+
+def test_fairseq_probe_features_are_inner_states_averaged_over_all_257_positions(tmp_path):
+    """DiGIT's probe protocol (layers 0..depth-1, last=True) averages fairseq's inner_states
+    over [BOS, x_1..x_256]; our protocol keeps the 256 target positions and every layer."""
+    model = gpt.GPT.from_checkpoint(str(fairseq_file(tmp_path / 's1.pt')), ['gpt'])
+    sd = checkpoint.load(str(tmp_path / 's1.pt'), foreign=True)['model']
+    idx = torch.randint(0, FS_V, (2, 256), generator=torch.Generator().manual_seed(5))
+    _, states = fairseq_decoder(sd, fs_ids(idx, 2), FS_H, normalize_before=False)
+    probe = digit.LinearProbe(model, 3, layers=range(2), last=True)
+    for ours, ref in zip(probe.features(idx), states[:2], strict=True):
+        assert (ours - ref.mean(1)).abs().max() < 1e-4
+    ours = digit.LinearProbe(model, 3).features(idx)
+    assert len(ours) == 3 and (ours[0] - states[0][:, :256].mean(1)).abs().max() < 1e-4
+
+
+def read_key_list(name):
+    """testdata/<name>: `key<TAB>(shape)<TAB>dtype<TAB>kind` lines -> {key: shape}."""
+    out = {}
+    for line in open(os.path.join(REPO, 'testdata', name)):
+        if line.strip() and not line.startswith('#'):
+            key, shape = line.split('\t')[:2]
+            out[key] = tuple(int(d) for d in shape.strip('()').split(',') if d.strip())
+    return out
+
+
+@pytest.mark.parametrize('name,stage2', [('digit_stage1_keys.txt', False),
+                                         ('digit_stage2_keys.txt', True)])
+def test_fairseq_released_key_lists_map_onto_gpt_exactly(name, stage2):
+    """The released files' decoder keys and shapes (testdata, read from DiGIT's fairseq model)
+    map onto a GPT's state dict exactly, on the meta device: DiGIT base, 16 layers, 1024 wide,
+    8192 DiGIT tokens (stage 2: 1024 VQ codes), every decoder tensor used or named skipped."""
+    keys = read_key_list(name)
+    with torch.device('meta'):
+        sd = {k: torch.empty(s, dtype=torch.float16) for k, s in keys.items()}
+        hp = dict(decoder_attention_heads=16, activation_fn='gelu',
+                  decoder_normalize_before=stage2)
+        config, weights = gpt.from_fairseq(dict(cfg=dict(model=hp), model=sd))
+        ours = gpt.GPT(**config).state_dict()
+    assert {k: tuple(v.shape) for k, v in ours.items()} == \
+        {k: tuple(v.shape) for k, v in weights.items()}
+    c = config
+    assert (c['depth'], c['n_embd'], c['vocab_size'], c['post_ln'], c['final_norm']) == \
+        (16, 1024, 1024 if stage2 else 8192, not stage2, stage2)
+    assert c['source_vocab_size'] == (8192 if stage2 else 0)
+
+
+def test_fairseq_unknown_decoder_key_or_activation_is_a_clear_error(tmp_path):
+    sd = fairseq_weights()
+    sd['decoder.layers.0.self_attn.rotary.weight'] = torch.zeros(1)
+    with pytest.raises(ValueError, match='decoder.layers.0.self_attn.rotary.weight'):
+        gpt.from_fairseq(dict(cfg=dict(model=dict(decoder_attention_heads=4,
+                                                  activation_fn='gelu')), model=sd))
+    with pytest.raises(ValueError, match="activation_fn 'relu'"):
+        gpt.from_fairseq(dict(cfg=dict(model=dict(activation_fn='relu')), model=sd))
+
+
+def test_gpt_block_post_ln_and_pre_ln_match_their_formulas():
+    """One block by hand: pre-LN x + A(LN1 x), then + M(LN2 .); post-LN LN1(x + A x), then
+    LN2(. + M .), A = softmax(q k^T / sqrt(c) + causal) v W_o, M = exact-GELU MLP."""
+    torch.manual_seed(0)
+    x, C, H = torch.randn(2, 5, 8), 8, 2
+    mask = torch.ones(5, 5, dtype=torch.bool).tril()
+    for post_ln in (False, True):
+        block = gpt.Block(C, H, post_ln=post_ln, gelu='exact').eval()
+        block.attn.scale = (C // H) ** -0.5
+        with torch.no_grad():
+            for p in block.parameters():
+                p.add_(torch.randn_like(p) * 0.3)
+        a = block.attn
+
+        def attn(h):
+            q, k, v = F.linear(h, a.mat_qkv.weight, torch.cat((a.q_bias, a.zero_k_bias,
+                                                                a.v_bias))).chunk(3, -1)
+            q, k, v = (t.view(2, 5, H, -1).transpose(1, 2) for t in (q, k, v))
+            s = (q @ k.transpose(2, 3) / (C // H) ** 0.5).masked_fill(~mask, -torch.inf)
+            return a.proj((s.softmax(-1) @ v).transpose(1, 2).reshape(2, 5, C))
+        mlp = lambda h: block.ffn.fc2(F.gelu(block.ffn.fc1(h)))
+        if post_ln:
+            h = block.ln_1(x + attn(x))
+            ref = block.ln_2(h + mlp(h))
+        else:
+            h = x + attn(block.ln_1(x))
+            ref = h + mlp(block.ln_2(h))
+        assert (block(x, attn_mask=mask) - ref).abs().max() < 1e-5
+
+
+def test_fairseq_top_p_rule_keeps_the_same_tokens_as_ours():
+    """fairseq's _sample_topp keeps tokens while the descending cumulative sum is below p,
+    plus the one crossing it; top_k_top_p_filter_ keeps the same set."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        probs = torch.randn(30, generator=g).mul(3).softmax(-1).double()
+        p = float(torch.rand(1, generator=g)) * 0.98 + 0.01
+        sorted_probs, order = probs.sort(descending=True)
+        keep = sorted_probs.cumsum(0) < p
+        keep[int(keep.sum().clamp_max(29))] = True                      # the crossing one
+        ref = torch.zeros(30, dtype=torch.bool).scatter(0, order, keep)
+        ours = transformer.top_k_top_p_filter_(probs.log()[None, None], top_p=p).isfinite()
+        assert torch.equal(ours[0, 0], ref)
+
+
+class RunsCode:
+    """A pickle that would call os.system when loaded."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f'touch {self.marker}',)
+
+
+def test_foreign_loader_never_runs_code_from_a_crafted_pickle(tmp_path):
+    """A file whose pickle calls os.system is refused in one line naming the file and the
+    global, and the command never ran; the same for a pickle asking for eval."""
+    marker, path = tmp_path / 'ran', tmp_path / 'evil.pt'
+    torch.save(dict(cfg=None, model={'decoder.x': torch.zeros(1)}, x=RunsCode(marker)), path)
+    with pytest.raises(SystemExit, match=rf'{path}.*refused.*system') as e:
+        checkpoint.load(str(path), 'GPT checkpoint', foreign=True)
+    assert '\n' not in str(e.value) and not marker.exists()
+    torch.save({'x': eval, 'model': {}}, path)
+    with pytest.raises(SystemExit, match='refused.*eval'):
+        gpt.GPT.from_checkpoint(str(path))
+
+
+def test_foreign_loader_reads_omegaconf_and_namespace_as_plain_containers(tmp_path, monkeypatch):
+    """A cfg pickled as OmegaConf DictConfig / ListConfig / nodes (older fairseq) and args as an
+    argparse.Namespace load without omegaconf, as dicts, lists and values. The classes are
+    fakes named like OmegaConf's, holding what OmegaConf's __getstate__ gives."""
+    fake, package = {}, types.ModuleType('omegaconf')
+    monkeypatch.setitem(sys.modules, 'omegaconf', package)
+    for module, names in checkpoint.OMEGACONF.items():
+        m = types.ModuleType(f'omegaconf.{module}')
+        for name in names:
+            fake[name] = type(name, (), {'__module__': m.__name__})
+            setattr(m, name, fake[name])
+        monkeypatch.setitem(sys.modules, m.__name__, m)
+        setattr(package, module, m)
+
+    def node(kind, **state):
+        obj = fake[kind].__new__(fake[kind])
+        obj.__dict__.update(state, _metadata=fake['Metadata'](), _parent=None)
+        obj._metadata.__dict__.update(ref_type=typing.Any, key_type=typing.Any)
+        return obj
+    layers = node('ListConfig', _content=[node('AnyNode', _val=1), node('IntegerNode', _val=2)])
+    cfg = node('DictConfig', _content={'model': node('DictConfig', _content={
+        'decoder_attention_heads': node('IntegerNode', _val=4), 'layers': layers,
+        'name': node('StringNode', _val='stlm'), 'missing': node('AnyNode', _val='???')})})
+    torch.save(dict(cfg=cfg, args=argparse.Namespace(lr=[0.1], fp16=True),
+                    model={'decoder.version': torch.ones(1)}), tmp_path / 'old.pt')
+    state = checkpoint.load(str(tmp_path / 'old.pt'), foreign=True)
+    assert state['cfg'] == {'model': {'decoder_attention_heads': 4, 'layers': [1, 2],
+                                      'name': 'stlm', 'missing': '???'}}
+    assert state['args'] == {'lr': [0.1], 'fp16': True}
+    with pytest.raises(SystemExit, match='refused'):   # foreign names only when asked for
+        checkpoint.load(str(tmp_path / 'old.pt'))
 
 
 # --- sample.py ---------------------------------------------------------------------------------

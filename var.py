@@ -1,7 +1,7 @@
 """
 VAR: Visual AutoRegressive modeling by next-scale prediction (Tian et al., NeurIPS 2024,
-arXiv 2404.02905). A GPT-2-like transformer with AdaLN (gpt.py) predicts each whole token map
-r_k of the multi-scale VQVAE (vqvae.py) from all coarser ones (paper Eq. 6):
+arXiv 2404.02905). A GPT-2-like transformer with AdaLN (transformer.py) predicts each whole
+token map r_k of the multi-scale VQVAE (vqvae.py) from all coarser ones (paper Eq. 6):
 
     p(r_1, ..., r_K) = prod_k p(r_k | r_1, ..., r_{k-1})
 
@@ -32,7 +32,7 @@ from torch.nn.attention.flex_attention import create_block_mask
 
 import checkpoint
 import data
-import gpt
+import transformer
 import vqvae
 
 
@@ -91,10 +91,10 @@ class VAR(nn.Module):
         self.shared_ada_lin = (nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C)) if cfg.shared_aln
                                else nn.Identity())
         self.blocks = nn.ModuleList([
-            gpt.AdaLNBlock(C, cfg.depth, C, cfg.mlp_ratio, cfg.attn_l2_norm, p,
+            transformer.AdaLNBlock(C, cfg.depth, C, cfg.mlp_ratio, cfg.attn_l2_norm, p,
                            cfg.norm_eps, cfg.shared_aln)
             for p in dprs])
-        self.head_nm = gpt.AdaLNBeforeHead(C, C, cfg.norm_eps)
+        self.head_nm = transformer.AdaLNBeforeHead(C, C, cfg.norm_eps)
         self.head = nn.Linear(C, self.V)
 
         # the scale of every position, and the block-causal mask of Eq. 6 (additive, 0 / -inf);
@@ -193,7 +193,7 @@ class VAR(nn.Module):
             logits = self.logits(x, cond)                                          # (2B, l, V)
             t = cfg * ratio
             logits = (1 + t) * logits[:B] - t * logits[B:]                         # (B, l, V)
-            idx = gpt.sample(logits, top_k, top_p, rng, temperature)   # in place on logits
+            idx = transformer.sample(logits, top_k, top_p, rng, temperature)   # in place on logits
             kept = None if edit_idx is None else kept_positions(edit_mask, pn)     # (B, l)
             if kept is not None:
                 idx = torch.where(kept, edit_idx[k], idx)
@@ -217,7 +217,7 @@ class VAR(nn.Module):
         (1 + ratio), at temperature max(0.27 (1 - 0.95 ratio), 0.005); kept (edited) positions
         keep their code."""
         tau = max(0.27 * (1 - 0.95 * ratio), 0.005)
-        soft = gpt.gumbel_softmax(logits * (1 + ratio), tau, rng)                 # (B, l, V)
+        soft = transformer.gumbel_softmax(logits * (1 + ratio), tau, rng)                 # (B, l, V)
         soft = soft @ self.vae[0].quantize.embedding.weight                        # (B, l, C)
         return soft if kept is None else torch.where(kept[..., None], h, soft)
 
