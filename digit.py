@@ -246,26 +246,29 @@ class ProbeTraining:
                              '--model gpt)')
         state = checkpoint.load(args.gpt, '--gpt', foreign=True)
         self.released = checkpoint.is_fairseq(state)   # DiGIT's stage 1: its own protocol
-        if not self.released and state.get('kind') != 'gpt':
+        if self.released:
+            config, weights = gpt.from_fairseq(state)
+            state = dict(kind='gpt', config=config, model=weights, ema=None)
+        elif state.get('kind') != 'gpt':
             raise SystemExit(f"--gpt {args.gpt} holds a {state.get('kind')} run, not a gpt")
-        if not self.released:
+        else:
             args.tokenizer = state['tokenizer']   # the GPT's own tokenizer
-        self.probed = gpt.GPT.from_checkpoint(state, ['gpt'])
+        self.probed, c = state, state['config']
         tok = load_tokenizer(args.tokenizer, run.device)
-        if (tok.vocab_size, tok.grid ** 2) != (self.probed.config.vocab_size,
-                                               self.probed.config.block_size):
+        if (tok.vocab_size, tok.grid ** 2) != (c['vocab_size'], c['block_size']):
             raise SystemExit(f'--tokenizer {args.tokenizer} makes {tok.grid ** 2} tokens of '
-                             f'{tok.vocab_size}, --gpt {args.gpt} reads '
-                             f'{self.probed.config.block_size} of {self.probed.config.vocab_size}')
+                             f'{tok.vocab_size}, --gpt {args.gpt} reads {c["block_size"]} of '
+                             f'{c["vocab_size"]}')
         cache_tokens(self, tok.encode, token_key(tok), args, run)
-        depth = self.probed.config.depth
-        self.config = dict(gpt=asdict(self.probed.config), num_classes=train_set.num_classes,
+        depth = c['depth']
+        self.config = dict(gpt=c, num_classes=train_set.num_classes,
                            layers=list(range(depth if self.released else depth + 1)),
                            last=self.released)
 
     def build(self):
         c = self.config
-        return LinearProbe(self.probed, c['num_classes'], c['layers'], c['last'])
+        return LinearProbe(gpt.GPT.from_checkpoint(self.probed, ['gpt']), c['num_classes'],
+                           c['layers'], c['last'])
 
     def loss(self, model, batch, step):
         return model(batch[0].to(self.run.device), batch[1].to(self.run.device))

@@ -11,10 +11,18 @@ VAR, zero-shot editing (VAR Appendix B: in-painting, out-painting, class-conditi
     python sample.py --ckpt out/var/ckpt.pt --edit_image dog.png --edit_mask hole.png \
         --classes 3                                                    # repaint the white area
     python sample.py --ckpt out/gpt/ckpt.pt --stage2 out/stage2/ckpt.pt      # DiGIT's grid
+    python sample.py --ckpt checkpoint_stage1.pt --stage2 checkpoint_stage2.pt \
+        --vqgan vqgan_jax_strongaug.ckpt                 # DiGIT's released fairseq checkpoints
+    torchrun --nproc_per_node=8 sample.py --ckpt checkpoint_stage1.pt --stage2 \
+        checkpoint_stage2.pt --num_samples 50000 --npz digit_base.npz        # DiGIT's FID run
 
 Defaults: VAR cfg 4, top-k 900, top-p 0.95 (its demo); DiGIT stage 1 top-k 300 (DiGIT's
 class-conditional base run; it used no CFG, ours is trained with label dropping: cfg 2 for
-grids), stage 2 top-p 0.8 (DiGIT's).
+grids), stage 2 top-p 0.8 (DiGIT's). DiGIT's released stage 1 (gpt.from_fairseq): top-k 200
+unconditional, 300 class-conditional, cfg 0 (it learnt no null class). Its special symbols are
+never sampled and its end of sequence never before the 256th token: the GPT's head holds the
+image tokens only. Its stage 2 renders through MAGE's VQGAN (vqgan.py), by default the copy
+stored inside the stage-2 file (--vqgan reads the separate file instead).
 
 The `.npz` holds `arr_0`, uint8 (N, H, W, 3) as the ADM evaluator reads it, and `labels`:
 sample i has class i % num_classes (50 per class for 50,000 ImageNet samples). Every rank makes
@@ -34,6 +42,7 @@ import data
 import dist
 import gpt
 import var
+import vqgan
 import vqvae
 
 
@@ -48,9 +57,13 @@ def build_parser():
     p.add_argument('--ckpt', required=True, help='train.py var or gpt checkpoint, or an official '
                    'var_d*.pth')
     p.add_argument('--vae', default='', help="the VQVAE (default: the one the checkpoint names)")
-    p.add_argument('--stage2', default='out/stage2/ckpt.pt', help='DiGIT: the stage-2 checkpoint')
+    p.add_argument('--stage2', default='out/stage2/ckpt.pt', help='DiGIT: the stage-2 checkpoint '
+                   '(ours or the released fairseq file)')
+    p.add_argument('--vqgan', default='', help="DiGIT's released stage 2: MAGE's VQGAN file "
+                   '(default: the copy inside --stage2)')
     p.add_argument('--stage2_top_p', type=cli.fraction, default=0.8, help='DiGIT: stage-2 top-p')
-    p.add_argument('--classes', type=CLASS_IDS, help='comma-separated labels (default: up to 10)')
+    p.add_argument('--classes', type=CLASS_IDS, help='comma-separated labels (default: up to 10; '
+                   'none for an unconditional model)')
     p.add_argument('--per_class', type=cli.positive_int, default=4,
                    help='grid rows: samples of each class')
     p.add_argument('--cfg', type=cli.nonneg_float, help='classifier-free guidance (VAR 4, its '
@@ -90,17 +103,16 @@ def get_args(argv=None):
 def load(args, device):
     """A sampler from a checkpoint: generate(labels (B,), seed, **edit) -> images (B, 3, H, W)
     in [0, 1], the VQVAE, the number of classes and the class names. VAR: ours names its VQVAE,
-    official files need --vae. DiGIT: a gpt checkpoint and --stage2, which names its VQVAE."""
-    ckpt = checkpoint.load(args.ckpt, '--ckpt')
-    kind = ckpt.get('kind', 'var') if isinstance(ckpt, dict) else type(ckpt).__name__
+    official files need --vae. DiGIT: a gpt checkpoint (ours or the released stage 1) and
+    --stage2."""
+    ckpt = checkpoint.load(args.ckpt, '--ckpt', foreign=True)
+    kind = 'gpt' if checkpoint.is_fairseq(ckpt) else ckpt.get('kind', 'var') if isinstance(
+        ckpt, dict) else type(ckpt).__name__
     if kind not in ('var', 'gpt'):
         raise SystemExit(f'--ckpt {args.ckpt} holds a {kind}, not a var or gpt checkpoint')
-    defaults = dict(cfg=2.0, top_k=300, top_p=0.0) if kind == 'gpt' else \
-        dict(cfg=4.0, top_k=900, top_p=0.95)
-    for k, v in defaults.items():
-        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     if kind == 'gpt':
         return load_digit(args, ckpt, device)
+    defaults(args, cfg=4.0, top_k=900, top_p=0.95)
     vae_path = args.vae or (ckpt.get('vae') if isinstance(ckpt.get('vae'), str) else '')
     if not vae_path:
         raise SystemExit(f'{args.ckpt} names no VQVAE: pass --vae vae_ch160v4096z32.pth')
@@ -112,21 +124,43 @@ def load(args, device):
     return generate, vae, model.num_classes, ckpt.get('class_names')
 
 
+def defaults(args, **values):
+    """Sampling flags the user left unset take the model's defaults."""
+    for k, v in values.items():
+        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
+
+
+def load_gpt(state, kind, flag, path, use_ema):
+    try:
+        return gpt.GPT.from_checkpoint(state, [kind], use_ema)
+    except ValueError as e:
+        raise SystemExit(f'{flag} {path}: {e}') from None
+
+
 def load_digit(args, ckpt, device):
-    """DiGIT's chain: GPT -> DiGIT tokens -> stage 2 -> VQ tokens -> the VQVAE's decoder."""
+    """DiGIT's chain: GPT -> DiGIT tokens -> stage 2 -> VQ tokens -> pixels, through stage 2's
+    VQVAE (ours) or MAGE's VQGAN (DiGIT's released stage 2: --vqgan, or the copy inside it)."""
     if not os.path.exists(args.stage2):
         raise SystemExit(f'--stage2 {args.stage2} not found: train it (python train.py --model '
                          'stage2) to turn DiGIT tokens into pixels')
-    s2_ckpt = checkpoint.load(args.stage2, '--stage2')
-    if not isinstance(s2_ckpt, dict) or s2_ckpt.get('kind') != 'stage2':
-        raise SystemExit(f'--stage2 {args.stage2} is not a stage-2 checkpoint (train.py --model '
-                         'stage2)')
-    stage1 = gpt.GPT.from_checkpoint(ckpt, ['gpt'], not args.no_ema).to(device)
-    stage2 = gpt.GPT.from_checkpoint(s2_ckpt, ['stage2'], not args.no_ema).to(device)
+    s2_ckpt = checkpoint.load(args.stage2, '--stage2', foreign=True)
+    stage1 = load_gpt(ckpt, 'gpt', '--ckpt', args.ckpt, not args.no_ema).to(device)
+    stage2 = load_gpt(s2_ckpt, 'stage2', '--stage2', args.stage2, not args.no_ema).to(device)
     if (stage2.config.source_len, stage2.config.source_vocab_size) != \
             (stage1.config.block_size, stage1.config.vocab_size):
         raise SystemExit(f'{args.stage2} was trained on another DiGIT tokenizer than {args.ckpt}')
-    vae = vqvae.VQVAE.from_checkpoint(args.vae or s2_ckpt['vae']).to(device).eval()
+    if checkpoint.is_fairseq(ckpt):   # no null class; DiGIT's top-k
+        defaults(args, cfg=0.0, top_k=300 if stage1.num_classes else 200, top_p=0.0)
+        if args.cfg:
+            raise SystemExit(f"--cfg {args.cfg}: DiGIT's released stage 1 learnt no null class, "
+                             'so it has no guidance; use --cfg 0')
+    defaults(args, cfg=2.0, top_k=300, top_p=0.0)
+    if checkpoint.is_fairseq(s2_ckpt):
+        vae = vqgan.VQGAN.from_checkpoint(args.vqgan) if args.vqgan else \
+            vqgan.VQGAN.from_state_dict(s2_ckpt['model'], 'vqgan.', f'--stage2 {args.stage2}')
+    else:
+        vae = vqvae.VQVAE.from_checkpoint(args.vae or s2_ckpt['vae'])
+    vae = vae.to(device).eval()
 
     def generate(labels, seed, **edit):
         if edit:
@@ -159,14 +193,15 @@ def main(args):
     gen, vae, K, class_names = load(args, device)
     bad = [c for c in args.classes or () if c >= K]
     if bad:
-        build_parser().error(f'argument --classes: {bad[0]} is not a class of this model '
-                             f'(0..{K - 1})')
+        build_parser().error(f'argument --classes: {bad[0]} is not a class of this model ' +
+                             (f'(0..{K - 1})' if K else '(it is unconditional)'))
+    n_labels = max(K, 1)   # unconditional: every sample gets label 0, the BOS
     resolution = vae.config.patch_nums[-1] * vae.downsample
     if args.num_samples:   # N samples for FID, sharded over ranks
         mine = list(range(rank, args.num_samples, world))
         out = []
         for b in tqdm(range(0, len(mine), args.batch_size), disable=rank != 0, desc='sampling'):
-            labels = torch.tensor(mine[b:b + args.batch_size], device=device) % K
+            labels = torch.tensor(mine[b:b + args.batch_size], device=device) % n_labels
             out.append(data.to_uint8(gen(labels, args.seed + rank * 1_000_003 + b) * 2 - 1))
         shard = np.concatenate(out) if out else np.zeros((0, resolution, resolution, 3), np.uint8)
         np.save(f'{args.npz}.rank{rank}.npy', shard)      # shards on disk, not in memory
@@ -176,10 +211,10 @@ def main(args):
             for r in range(world):
                 images[r::world] = np.load(f'{args.npz}.rank{r}.npy')
                 os.remove(f'{args.npz}.rank{r}.npy')
-            np.savez(args.npz, arr_0=images, labels=np.arange(args.num_samples) % K)
+            np.savez(args.npz, arr_0=images, labels=np.arange(args.num_samples) % n_labels)
             print(f'wrote {args.num_samples} samples {images.shape[1:]} to {args.npz}')
     elif rank == 0:
-        classes = args.classes or list(range(min(K, 10)))
+        classes = args.classes or list(range(min(K, 10))) or [0] * 10
         labels = torch.tensor(classes * args.per_class, device=device)        # row-major grid
         kw = {}
         if args.edit_image:   # keep the input's tokens outside the white area of the mask
@@ -191,7 +226,7 @@ def main(args):
         path = args.out or os.path.join(os.path.dirname(args.ckpt) or '.', 'sample_grid.png')
         data.save_image_grid(images.cpu(), path, nrow=len(classes))
         names = [class_names[c] for c in classes] if class_names else classes
-        print(f'columns: {names}\nwrote {path}')
+        print(f'columns: {names if K else "unconditional"}\nwrote {path}')
     dist.cleanup()
 
 

@@ -38,6 +38,7 @@ import tokenizer
 import train
 import transformer
 import var
+import vqgan
 import vqvae
 import vqvae_train
 from dinov2 import DINOv2, DINOV2_CONFIGS
@@ -2028,6 +2029,44 @@ def test_sample_npz_grid_and_zero_shot_edit(tmp_path):
     assert np.abs(grid[2:18, 20:36].astype(int) - expected).max() <= 1
 
 
+TINY_VQGAN = dict(vocab_size=FS_VQ, z_channels=8, ch=32, ch_mult=(1, 1, 1, 1, 1),
+                  num_res_blocks=1)
+
+
+def test_sample_runs_digits_released_chain_stage1_stage2_vqgan(tmp_path, monkeypatch):
+    """The released chain from fairseq files (unconditional stage 1; stage 2 holding MAGE's
+    VQGAN as vqgan.*): the .npz equals stage1.generate (top-k 200, DiGIT's) -> stage2.generate
+    (top-p 0.8) -> VQGAN decoder with the same seeds; guidance and class ids are refused."""
+    torch.manual_seed(0)
+    vq = vqgan.VQGAN(**TINY_VQGAN).eval()
+    s1, s2 = fairseq_file(tmp_path / 's1.pt'), tmp_path / 's2.pt'
+    state = torch.load(fairseq_file(s2, stage2=True), weights_only=True)
+    state['model'] = {k: v for k, v in state['model'].items() if not k.startswith('vqgan.')}
+    state['model'].update({f'vqgan.{k}': v.half() for k, v in vq.state_dict().items()})
+    torch.save(state, s2)
+    load_vqgan = vqgan.VQGAN.from_state_dict.__func__
+    monkeypatch.setattr(vqgan.VQGAN, 'from_state_dict', classmethod(
+        lambda cls, sd, prefix, source: load_vqgan(cls, sd, prefix, source, **TINY_VQGAN)))
+    run = lambda *a: sample.main(sample.get_args(['--ckpt', str(s1), '--stage2', str(s2),
+                                                  '--device', 'cpu', *a]))
+    run('--num_samples', '3', '--batch_size', '3', '--npz', str(tmp_path / 'x.npz'))
+    got = np.load(tmp_path / 'x.npz')
+    assert got['arr_0'].shape == (3, 256, 256, 3) and got['labels'].tolist() == [0, 0, 0]
+    stage1 = gpt.GPT.from_checkpoint(str(s1), ['gpt'])
+    stage2 = gpt.GPT.from_checkpoint(str(s2), ['stage2'])
+    vq = vqgan.VQGAN.from_state_dict(checkpoint.load(str(s2), foreign=True)['model'], 'vqgan.',
+                                     'test')
+    zeros = torch.zeros(3).long()
+    tokens = stage1.generate(zeros, top_k=200, seed=0)
+    expected = vq.idx_to_img([stage2.generate(zeros, top_p=0.8, seed=0, source=tokens)])
+    assert np.abs(got['arr_0'].astype(int) - data.to_uint8(expected)).max() <= 1
+    with pytest.raises(SystemExit, match='--cfg 1.0: .*no null class'):
+        run('--cfg', '1')
+    with pytest.raises(SystemExit) as e:
+        run('--classes', '1')
+    assert e.value.code == 2
+
+
 # --- train.py --------------------------------------------------------------------------------
 
 def tiny_run(out_dir, *extra):
@@ -2094,6 +2133,30 @@ def test_train_ssl_resumes_exactly_and_feeds_the_tokenizer(tmp_path):
     assert (tok.layer, tok.resolution, tok.grid, tok.vocab_size) == (1, 16, 4, 4)
     assert torch.equal(tokenizer.Tokenizer.load(str(tmp_path / 't.pt')).encode(images(2, 16)),
                        tok.encode(images(2, 16)))
+
+
+def test_train_probe_reads_a_released_stage1_with_digits_protocol(tmp_path):
+    """train.py --model probe --gpt <fairseq stage 1> --tokenizer T: the GPT is the file's, the
+    heads probe layers 0..depth-1 over all 257 positions (DiGIT's model_linearprobe); a
+    tokenizer of another size is one line naming both files."""
+    torch.manual_seed(0)
+    tok = tokenizer.Tokenizer(_tiny(), layer=2, resolution=224)   # 16 x 16 tokens
+    tok.fit([images(8, 224, seed=1)], FS_V, n_iter=2).save(str(tmp_path / 'tok.pt'))
+    s1 = str(fairseq_file(tmp_path / 's1.pt'))
+    run = lambda *a: train.main(train.get_args(tiny_run(
+        tmp_path / 'probe', '--model', 'probe', '--gpt', s1, '--max_iters', '2',
+        '--train_images', '16', *a)))
+    probe = run('--tokenizer', str(tmp_path / 'tok.pt'))
+    assert (probe.layers, probe.last, len(probe.heads)) == ([0, 1], True, 2)
+    ref = gpt.GPT.from_checkpoint(s1, ['gpt'])
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in probe.gpt.state_dict().items())
+    assert 'eval 2 ce ' in open(tmp_path / 'probe' / 'log.txt').read()
+    tokenizer.Tokenizer(_tiny(), layer=2, resolution=112).fit(
+        [images(8, 112)], FS_V, n_iter=2).save(str(tmp_path / 'tok8.pt'))
+    with pytest.raises(SystemExit, match=r'tok8.pt makes 64 tokens of 12.*s1.pt reads 256'):
+        train.main(train.get_args(tiny_run(tmp_path / 'p2', '--model', 'probe', '--gpt', s1,
+                                           '--tokenizer', str(tmp_path / 'tok8.pt'))))
+
 
 def test_train_digit_chain_gpt_stage2_and_sample(tmp_path):
     """DiGIT end to end on 16 px built-in images: the stand-in encoder, K-Means, the GPT (4 steps

@@ -19,7 +19,8 @@ MaskGIT's residual block differs, so it is written here (ResBlock), as are the e
     block computes W x + h (MaskGIT's JAX ResBlock reassigns x before its shortcut);
   - the encoder downsamples by 2x2 average pooling (no weights), not a strided conv;
   - no attention anywhere, no quant_conv / post_quant_conv, num_res_blocks blocks per decoder
-    level (not +1), the encoder's conv_in has no bias and its conv_out is 1x1;
+    level (not +1), the encoder's conv_in has no bias and its conv_out is 1x1; dropout (0 in
+    the release, no weights) is left out;
   - swish is x * sigmoid(x), not F.silu: that is the official formula, and tokens of real images
     then equal the official ones bit for bit (F.silu differs in the last bit).
 Module names are the official ones (no renaming): the released file loads with strict=True.
@@ -157,7 +158,7 @@ class Quantizer(nn.Module):
     def embed_tokens(self, idx, pn):
         """Code vectors of a token map: idx (B, pn*pn) -> E[idx] as (B, C, pn, pn). Contiguous,
         as the official get_codebook_entry: convs on a channels-last view round differently."""
-        return self.embedding(idx.view(-1, pn, pn)).permute(0, 3, 1, 2).contiguous()
+        return self.embedding(idx.reshape(-1, pn, pn)).permute(0, 3, 1, 2).contiguous()
 
 
 class VQGAN(nn.Module):
