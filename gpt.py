@@ -287,11 +287,13 @@ def from_fairseq(state, block_size=256):
     - the k projection's bias: it adds q . b_k to every key's score, softmax ignores that;
     - special symbols other than </s> (<s> <pad> <unk> <n>): never an input, never sampled
       (DiGIT's generator masks them; </s> is barred before the 256th token). The head keeps the
-      image tokens only, so top-p renormalises over them, where fairseq's counts the masked
-      specials' mass (near 0 in a trained model);
+      image tokens only, so top-p's kept set is fairseq's rule on probabilities renormalised
+      over them; fairseq applies it before renormalising, to probabilities that still count
+      the masked mass m (its threshold is in effect p / (1 - m); m is small once trained);
     - positions 0 and 1 (padding) and past block_size + 1 (never reached); decoder.version.
     The rest of the file is the tokenizer (pretrained_encoder.*, centroids, centroid_norm) and,
-    in stage 2, the VQGAN (vqgan.*, vqgan.py). Weights come as fp16 or fp32; we keep fp32."""
+    in stage 2, the VQGAN (vqgan.*, vqgan.py). fairseq saves fp32 even from fp16 training;
+    fp16 files load too, as fp32."""
     hp = state['cfg']['model'] if state.get('cfg') else state['args']
     sd = {k[len('decoder.'):]: v.float() for k, v in state['model'].items()
           if k.startswith('decoder.')}

@@ -144,8 +144,8 @@ def load_digit(args, ckpt, device):
         raise SystemExit(f'--stage2 {args.stage2} not found: train it (python train.py --model '
                          'stage2) to turn DiGIT tokens into pixels')
     s2_ckpt = checkpoint.load(args.stage2, '--stage2', foreign=True)
-    stage1 = load_gpt(ckpt, 'gpt', '--ckpt', args.ckpt, not args.no_ema).to(device)
     stage2 = load_gpt(s2_ckpt, 'stage2', '--stage2', args.stage2, not args.no_ema).to(device)
+    stage1 = load_gpt(ckpt, 'gpt', '--ckpt', args.ckpt, not args.no_ema).to(device)
     if (stage2.config.source_len, stage2.config.source_vocab_size) != \
             (stage1.config.block_size, stage1.config.vocab_size):
         raise SystemExit(f'{args.stage2} was trained on another DiGIT tokenizer than {args.ckpt}')

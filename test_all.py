@@ -1717,6 +1717,151 @@ def test_linear_probe_feeds_the_null_class_never_the_labels():
     assert not torch.allclose(feats[-1], cond[-1])
 
 
+# --- vqgan.py --------------------------------------------------------------------------------
+
+VQGAN_KEYS = os.path.join(REPO, 'testdata', 'mage_vqgan_keys.txt')
+# widths 32, 64, 64: 4x downsampling, one widening (encoder) and one narrowing (decoder) block
+VQGAN_TINY = dict(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1,
+                  resolution=16)
+
+
+def tiny_vqgan(seed=0):
+    torch.manual_seed(seed)
+    model = vqgan.VQGAN(**VQGAN_TINY).eval()
+    with torch.no_grad():       # non-trivial weights: GroupNorm affines and conv biases too
+        for name, p in model.named_parameters():
+            if 'norm' in name or name.endswith('bias'):
+                p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+def test_vqgan_official_key_structure():
+    """VQGAN() has exactly the 168 tensors (54.5M params) of MAGE's VQModel built with its
+    config/vqgan.yaml, i.e. of vqgan_jax_strongaug.ckpt: names, shapes, dtypes, no buffers."""
+    with torch.device('meta'):
+        model = vqgan.VQGAN()
+    ours = [(k, str(tuple(v.shape)), str(v.dtype).replace('torch.', ''), 'param')
+            for k, v in model.state_dict().items()]
+    ref = [tuple(line.rstrip('\n').split('\t')) for line in open(VQGAN_KEYS)
+           if not line.startswith('#')]
+    assert sorted(ours) == sorted(ref)
+    assert len(ref) == 168 and sum(p.numel() for p in model.parameters()) == 54_515_587
+    assert (model.vocab_size, model.downsample, model.resolution) == (1024, 16, 256)
+    assert model.config.patch_nums == (16,)     # 256 tokens, as vqvae.VQVAEConfig names it
+
+
+def test_vqgan_round_trip_shapes_and_range():
+    """img_to_idx: one (B, (H/16)^2) map of ids in [0, V); idx_to_img: (B, 3, H, W) in [-1, 1],
+    the decoder's output clamped (and it does leave [-1, 1] here, so the clamp is exercised)."""
+    model, x = tiny_vqgan(), images()
+    with torch.no_grad():
+        model.decoder.conv_out.weight.mul_(50)   # push the raw output beyond [-1, 1]
+    (idx,) = model.img_to_idx(x)
+    assert idx.dtype == torch.long and idx.shape == (4, model.config.patch_nums[0] ** 2) == (4, 16)
+    assert 0 <= idx.min() and idx.max() < 64 and idx.unique().numel() > 4
+    out = model.idx_to_img([idx])
+    assert out.shape == x.shape and out.min() >= -1 and out.max() <= 1
+    with torch.no_grad():
+        raw = model.decode(model.quantize.embed_tokens(idx, 4))
+    assert raw.abs().max() > 1 and torch.equal(out, raw.clamp(-1, 1))
+    prefixed = torch.cat([idx.flip(1), idx], 1)     # stage 2's [DiGIT tokens ; VQ tokens]
+    assert torch.equal(model.idx_to_img([prefixed[:, 16:]]), out)   # a non-contiguous slice
+    with pytest.raises(ValueError, match='15 tokens are not a square grid'):
+        model.idx_to_img([idx[:, :15]])
+
+
+def test_vqgan_nearest_code_is_brute_force_argmin():
+    """r_ij = argmin_v ||z_ij - E_v||^2, by the direct difference, in raster order."""
+    model, x = tiny_vqgan(), images()
+    with torch.no_grad():
+        z = model.encode(x).permute(0, 2, 3, 1).reshape(-1, 8)                # (B*h*w, C)
+        E = model.quantize.embedding.weight                                  # (V, C)
+        brute = (z[:, None, :] - E[None]).square().sum(-1).argmin(1)        # (B*h*w,)
+    assert torch.equal(model.img_to_idx(x)[0], brute.view(4, 16))
+    assert torch.equal(model.quantize.embed_tokens(brute.view(4, 16), 4),
+                       E[brute].view(4, 4, 4, 8).permute(0, 3, 1, 2))       # E[r] as (B, C, h, w)
+
+
+def test_vqgan_mage_range_conversion():
+    """MAGE feeds x / 255 (ToTensor) and writes clip(decoder * 255); the repo reads
+    x / 255 * 2 - 1: the same 8-bit image gives MAGE's tokens, and idx_to_img is MAGE's
+    picture mapped to [-1, 1]."""
+    model = tiny_vqgan()
+    u8 = torch.randint(0, 256, (4, 3, 16, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        z_mage = model.encoder(u8 / 255)                                      # (B, C, 4, 4)
+        torch.testing.assert_close(model.encode(u8 / 255 * 2 - 1), z_mage, atol=1e-5, rtol=0)
+        idx_mage = model.quantize.nearest_code(z_mage).flatten(1)             # (B, 16)
+        assert torch.equal(model.img_to_idx(u8 / 255 * 2 - 1)[0], idx_mage)
+        pic_mage = model.decoder(model.quantize.embed_tokens(idx_mage, 4)).clamp(0, 1)
+    torch.testing.assert_close((model.idx_to_img([idx_mage]) + 1) / 2, pic_mage,
+                               atol=1e-6, rtol=0)
+
+
+def test_vqgan_resolution_path_and_maskgit_resblock():
+    """Encoder: 2x2 average pools (24x16 -> 6x4 at 4x); decoder: nearest 2x + conv back to
+    24x16. MaskGIT's block: h = conv(sw(GN(conv(sw(GN(x)))))), sw(x) = x sigmoid(x) exactly;
+    out = x + h, or W h + h on a width change (W 1x1 without bias on h, not on x)."""
+    model = tiny_vqgan()
+    x = torch.rand(2, 3, 24, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+    def branch(b, t):
+        for norm, conv in ((b.norm1, b.conv1), (b.norm2, b.conv2)):
+            t = norm(t)
+            t = conv(t * torch.sigmoid(t))   # the official swish, not F.silu
+        return t
+
+    with torch.no_grad():
+        z = model.encode(x)
+        assert z.shape == (2, 8, 6, 4) and model.decode(z).shape == (2, 3, 24, 16)
+        level = model.encoder.down[0]
+        h = model.encoder.conv_in((x + 1) / 2)                                # (2, 32, 24, 16)
+        assert torch.equal(level.block[0](h), h + branch(level.block[0], h))  # 32 -> 32
+        h = level.block[0](h)
+        assert torch.equal(level.downsample(h), F.avg_pool2d(h, 2))
+        h = F.avg_pool2d(h, 2)                                                # (2, 32, 12, 8)
+        block = model.encoder.down[1].block[0]                               # 32 -> 64
+        assert torch.equal(block(h), block.nin_shortcut(branch(block, h)) + branch(block, h))
+    assert block.nin_shortcut.weight.shape == (64, 64, 1, 1) and block.nin_shortcut.bias is None
+    assert block.conv1.bias is None and model.encoder.conv_in.bias is None
+    assert not list(level.downsample.parameters())
+
+
+def test_vqgan_from_checkpoint_official_layout(tmp_path):
+    """{'state_dict': sd} (taming's layout), a bare sd, and a DiGIT stage-2 model dict with
+    `vqgan.*` entries all load every tensor and give the same tokens and pixels."""
+    model, x = tiny_vqgan(), images()
+    sd = model.state_dict()
+    torch.save({'state_dict': sd}, tmp_path / 'mage.ckpt')
+    torch.save(sd, tmp_path / 'bare.ckpt')
+    digit = {'decoder.layers.0.fc1.weight': torch.zeros(2),      # another module's entry
+             **{f'vqgan.{k}': v for k, v in sd.items()}}
+    loaded = [vqgan.VQGAN.from_checkpoint(str(tmp_path / 'mage.ckpt'), **VQGAN_TINY),
+              vqgan.VQGAN.from_checkpoint(str(tmp_path / 'bare.ckpt'), **VQGAN_TINY),
+              vqgan.VQGAN.from_state_dict(digit, prefix='vqgan.', **VQGAN_TINY)]
+    idx = model.img_to_idx(x)
+    for m in loaded:
+        assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), sd.values()))
+        assert torch.equal(m.img_to_idx(x)[0], idx[0])
+        assert torch.equal(m.idx_to_img(idx), model.idx_to_img(idx))
+
+
+@pytest.mark.parametrize('change, message', [
+    (lambda sd: sd.pop('decoder.up.1.upsample.conv.bias'), 'missing key decoder.up.1.upsample'),
+    (lambda sd: sd.update({'quant_conv.weight': torch.zeros(1)}), 'unexpected key quant_conv'),
+    (lambda sd: sd.update({'quantize.embedding.weight': torch.zeros(32, 8)}),
+     r'quantize.embedding.weight has shape \(32, 8\), not \(64, 8\)'),
+])
+def test_vqgan_checkpoint_mismatch_is_one_line(tmp_path, change, message):
+    sd = tiny_vqgan().state_dict()
+    change(sd)
+    path = str(tmp_path / 'bad.ckpt')
+    torch.save({'state_dict': sd}, path)
+    with pytest.raises(SystemExit, match=message) as e:
+        vqgan.VQGAN.from_checkpoint(path, **VQGAN_TINY)
+    assert path in str(e.value) and '\n' not in str(e.value)
+
+
 # --- DiGIT's released checkpoints: fairseq stage 1 and 2 -> gpt.GPT; the foreign unpickler ---
 
 FS_C, FS_H, FS_V, FS_VQ = 32, 4, 12, 10   # tiny fairseq decoders: width, heads, clusters, codes
@@ -1855,35 +2000,34 @@ def test_fairseq_probe_features_are_inner_states_averaged_over_all_257_positions
     assert len(ours) == 3 and (ours[0] - states[0][:, :256].mean(1)).abs().max() < 1e-4
 
 
-def read_key_list(name):
-    """testdata/<name>: `key<TAB>(shape)<TAB>dtype<TAB>kind` lines -> {key: shape}."""
-    out = {}
-    for line in open(os.path.join(REPO, 'testdata', name)):
-        if line.strip() and not line.startswith('#'):
-            key, shape = line.split('\t')[:2]
-            out[key] = tuple(int(d) for d in shape.strip('()').split(',') if d.strip())
-    return out
-
-
 @pytest.mark.parametrize('name,stage2', [('digit_stage1_keys.txt', False),
                                          ('digit_stage2_keys.txt', True)])
-def test_fairseq_released_key_lists_map_onto_gpt_exactly(name, stage2):
-    """The released files' decoder keys and shapes (testdata, read from DiGIT's fairseq model)
-    map onto a GPT's state dict exactly, on the meta device: DiGIT base, 16 layers, 1024 wide,
-    8192 DiGIT tokens (stage 2: 1024 VQ codes), every decoder tensor used or named skipped."""
-    keys = read_key_list(name)
+def test_fairseq_released_key_lists_map_onto_gpt_vqgan_and_dinov2_exactly(name, stage2):
+    """The released files' keys and shapes (testdata, built by DiGIT's fairseq code) on the meta
+    device: decoder.* maps onto a GPT's state dict exactly (DiGIT base: 16 layers, 1024 wide,
+    8192 DiGIT tokens; stage 2: 1024 VQ codes), every decoder tensor used or named skipped;
+    vqgan.* is vqgan.VQGAN() and pretrained_encoder.* DINOv2 ViT-B/14 reg4, key for key."""
+    keys = _read_keys(os.path.join(REPO, 'testdata', name))
     with torch.device('meta'):
         sd = {k: torch.empty(s, dtype=torch.float16) for k, s in keys.items()}
         hp = dict(decoder_attention_heads=16, activation_fn='gelu',
                   decoder_normalize_before=stage2)
         config, weights = gpt.from_fairseq(dict(cfg=dict(model=hp), model=sd))
         ours = gpt.GPT(**config).state_dict()
+        parts = {'pretrained_encoder.': DINOv2(**DINOV2_CONFIGS['vitb14_reg4']),
+                 'vqgan.': vqgan.VQGAN() if stage2 else None}
     assert {k: tuple(v.shape) for k, v in ours.items()} == \
         {k: tuple(v.shape) for k, v in weights.items()}
     c = config
     assert (c['depth'], c['n_embd'], c['vocab_size'], c['post_ln'], c['final_norm']) == \
         (16, 1024, 1024 if stage2 else 8192, not stage2, stage2)
     assert c['source_vocab_size'] == (8192 if stage2 else 0)
+    for prefix, model in parts.items():
+        theirs = {k[len(prefix):]: s for k, s in keys.items() if k.startswith(prefix)}
+        assert theirs == ({k: tuple(v.shape) for k, v in model.state_dict().items()}
+                          if model else {})
+    rest = {k for k in keys if not k.startswith(('decoder.', *parts))}
+    assert rest == {'centroids', 'centroid_norm'} and keys['centroids'] == (768, 8192)
 
 
 def test_fairseq_unknown_decoder_key_or_activation_is_a_clear_error(tmp_path):
