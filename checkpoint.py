@@ -14,6 +14,7 @@ Files a run cannot afford to lose or to misread: checkpoints, token caches, toke
 Errors a user can fix are raised as SystemExit(message): the command line prints the message
 and exits with status 1, without a traceback.
 """
+import collections
 import errno
 import os
 import pickle
@@ -100,7 +101,8 @@ OMEGACONF = {'dictconfig': ['DictConfig'], 'listconfig': ['ListConfig'],
 FOREIGN = [(type(name, (StandIn,), {}), f'omegaconf.{module}.{name}')
            for module, names in OMEGACONF.items() for name in names] + [
     (type('Namespace', (StandIn,), {}), 'argparse.Namespace'),
-    (type('Any', (StandIn,), {}), 'typing.Any')]   # OmegaConf metadata names it as a type
+    (type('Any', (StandIn,), {}), 'typing.Any'),   # OmegaConf's metadata names types:
+    dict, list, int, collections.defaultdict]       # ref_type, key_type, resolver_cache
 
 
 def plain(obj):

@@ -16,7 +16,7 @@ import tempfile
 import types
 import typing
 import warnings
-from collections import OrderedDict
+from collections import OrderedDict, defaultdict
 
 import numpy as np
 import pytest
@@ -2125,7 +2125,8 @@ def test_foreign_loader_reads_omegaconf_and_namespace_as_plain_containers(tmp_pa
     def node(kind, **state):
         obj = fake[kind].__new__(fake[kind])
         obj.__dict__.update(state, _metadata=fake['Metadata'](), _parent=None)
-        obj._metadata.__dict__.update(ref_type=typing.Any, key_type=typing.Any)
+        obj._metadata.__dict__.update(ref_type=typing.Any, key_type=int, object_type=dict,
+                                      resolver_cache=defaultdict(dict))   # as OmegaConf 2.0
         return obj
     layers = node('ListConfig', _content=[node('AnyNode', _val=1), node('IntegerNode', _val=2)])
     cfg = node('DictConfig', _content={'model': node('DictConfig', _content={

@@ -217,7 +217,7 @@ class VAR(nn.Module):
         (1 + ratio), at temperature max(0.27 (1 - 0.95 ratio), 0.005); kept (edited) positions
         keep their code."""
         tau = max(0.27 * (1 - 0.95 * ratio), 0.005)
-        soft = transformer.gumbel_softmax(logits * (1 + ratio), tau, rng)                 # (B, l, V)
+        soft = transformer.gumbel_softmax(logits * (1 + ratio), tau, rng)         # (B, l, V)
         soft = soft @ self.vae[0].quantize.embedding.weight                        # (B, l, C)
         return soft if kept is None else torch.where(kept[..., None], h, soft)
 
