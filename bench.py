@@ -24,7 +24,6 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-import fid
 import inception
 import kmeans
 import var
@@ -217,9 +216,9 @@ def bench_fid(device, batch):
     """Inception features per second; random weights (the speed does not depend on them)."""
     model = inception.FIDInception().to(device).eval()
     u8 = torch.randint(0, 256, (batch, 256, 256, 3), dtype=torch.uint8).numpy()  # ADM's format
-    x = fid.preprocess(u8, 'adm', device)                                   # (B, 3, 299, 299)
+    x = inception.preprocess(u8, 'adm', device)                       # (B, 3, 299, 299)
     with kmeans.no_tf32():
-        t_full = timeit(lambda: model(fid.preprocess(u8, 'adm', device), spatial=True),
+        t_full = timeit(lambda: model(inception.preprocess(u8, 'adm', device), spatial=True),
                         device=device)
         t_net = timeit(lambda: model(x), device=device)
     line = (f'FID Inception ({device}, batch {batch}): {batch / t_full:8.1f} img/s uint8 256 px '

@@ -25,6 +25,7 @@ fp16 as ADM's. Under torchrun each rank reads a contiguous share of the images.
 Weights: --weights PATH, $FID_INCEPTION_WEIGHTS, the torch hub cache, or --download.
 """
 import argparse
+import hashlib
 import os
 import warnings
 import zipfile
@@ -33,72 +34,15 @@ import zlib
 import numpy as np
 import torch
 import torch.distributed
-import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
 import cli
+import data
 import dist
 from data import list_images, load_rgb
-from inception import WEIGHTS_NAME, load_inception
+from inception import (MODES, WEIGHTS_NAME, center_crop, find_weights, load_inception,
+                       preprocess)
 from kmeans import no_tf32, sq_dists
-
-MODES = {'adm': 'TF1 bilinear resize to 299, (x - 128) / 128 (ADM evaluator)',
-         'pytorch_fid': 'x / 255, bilinear resize to 299, 2x - 1 (pytorch-fid)'}
-
-
-# -----------------------------------------------------------------------------
-# preprocessing: uint8 images -> the network's input
-
-def resize_tf1_bilinear(x, size=299):
-    """tf.image.resize_bilinear of TF1 (align_corners=False, no half-pixel centres), the resize
-    inside the ADM evaluator's graph. Per axis, in float32: src = dst * (n_in / size),
-    lo = floor(src), hi = min(lo + 1, n_in - 1), f = src - lo; along the width
-    top = a + (b - a) f_x, then along the height out = top + (bottom - top) f_y.
-    x (B, C, H, W) float32 -> (B, C, size, size)."""
-    def axis(n_in):
-        src = torch.arange(size, dtype=torch.float32) * (torch.tensor(n_in, dtype=torch.float32)
-                                                         / size)              # (size,)
-        lo = src.floor()
-        hi = (lo + 1).clamp(max=n_in - 1)
-        return lo.long().to(x.device), hi.long().to(x.device), (src - lo).to(x.device)
-    lo, hi, f = axis(x.shape[3])
-    a, b = x[..., lo], x[..., hi]                                           # (B, C, H, size)
-    x = a + (b - a) * f
-    lo, hi, f = axis(x.shape[2])
-    top, bottom = x[..., lo, :], x[..., hi, :]                              # (B, C, size, size)
-    return top + (bottom - top) * f[:, None]
-
-
-def preprocess(images, mode, device='cpu'):
-    """images: uint8 (B, H, W, 3) array or tensor, or a list of (H_i, W_i, 3) arrays of any size
-    -> float32 (B, 3, 299, 299) on device, as `mode` prescribes (see MODES)."""
-    if isinstance(images, (list, tuple)):  # images of different sizes: one at a time
-        return torch.cat([preprocess(im[None], mode, device) for im in images])
-    u8 = torch.tensor(np.asarray(images), device=device)  # a copy: npz batches are read-only
-    if u8.dtype != torch.uint8 or u8.ndim != 4 or u8.shape[3] != 3:
-        raise ValueError(f'fid: expected uint8 (B, H, W, 3) images, got {u8.dtype} '
-                         f'{tuple(u8.shape)}')
-    x = u8.permute(0, 3, 1, 2).float()                                      # (B, 3, H, W)
-    if mode == 'adm':
-        x = (resize_tf1_bilinear(x) - 128) / 128
-    elif mode == 'pytorch_fid':
-        x = 2 * F.interpolate(x / 255, size=(299, 299), mode='bilinear', align_corners=False) - 1
-    else:
-        raise ValueError(f'fid: unknown mode {mode!r}, choose from {list(MODES)}')
-    return x.contiguous()  # NCHW memory: channels-last input picks other conv kernels (1e-4)
-
-
-def center_crop(img, size):
-    """ADM's ImageNet preprocessing (center_crop_arr): halve with BOX while the shorter side is
-    >= 2 size, BICUBIC to shorter side = size, centre crop. PIL image -> (size, size, 3) uint8."""
-    while min(img.size) >= 2 * size:
-        img = img.resize(tuple(s // 2 for s in img.size), resample=Image.BOX)
-    scale = size / min(img.size)
-    img = img.resize(tuple(round(s * scale) for s in img.size), resample=Image.BICUBIC)
-    a = np.asarray(img)
-    top, left = (a.shape[0] - size) // 2, (a.shape[1] - size) // 2
-    return a[top:top + size, left:left + size]
 
 
 # -----------------------------------------------------------------------------
@@ -218,7 +162,8 @@ def extract(model, batches, mode, device, total=None, desc='features'):
             pool_m.update(pool)
             spatial_m.update(spatial)
             pools.append(pool)
-            logits.append(model.logits(pool))
+            if model.fc is not None:   # NVIDIA's port may stop at the pool: no IS
+                logits.append(model.logits(pool))
             bar.update(len(pool) * world)
     pool = torch.cat(pools) if pools else torch.zeros(0, 2048, device=device)    # (n, 2048)
     logit = torch.cat(logits) if logits else torch.zeros(0, 1008, device=device)  # (n, 1008)
@@ -385,6 +330,60 @@ def save_stats(path, s, mode):
     os.replace(tmp, path)
 
 
+# -----------------------------------------------------------------------------
+# FID inside train.py: a model's images against held-out images
+
+class HeldOut:
+    """FID of n images of a model (reconstructions, or samples of classes i % classes) against
+    the first n held-out images, ADM preprocessing. The held-out statistics are computed once and
+    cached in cache_dir (an .npz as --save_stats writes it) under a name keyed by the data, n and
+    the weights. Under torchrun every rank makes its share. Few images bias FID upwards (a
+    floor above 0 even for real images): compare runs at the same n."""
+
+    def __init__(self, model, n, data_key, cache_dir, images_at):
+        self.model, self.n = model, n
+        key = hashlib.sha256(repr((data_key, n, model.weights)).encode()).hexdigest()[:12]
+        self.cache = os.path.join(cache_dir, f'fid_stats_{key}.npz')
+        self.cached = os.path.exists(self.cache)
+        if self.cached:
+            self.ref = read_npz(self.cache, 'adm')[1]
+        else:
+            self.ref = self.stats(images_at)
+            if dist.rank_world()[0] == 0:
+                os.makedirs(cache_dir, exist_ok=True)
+                save_stats(self.cache, self.ref, 'adm')
+
+    @classmethod
+    def start(cls, weights, n, data_key, cache_dir, images_at, device, print0):
+        """A HeldOut, or None with one line saying why: no weights found, or n = 0."""
+        try:
+            path = find_weights(weights) if n else None
+        except SystemExit:
+            print0('FID off: no Inception weights (--fid_weights, $FID_INCEPTION_WEIGHTS or the '
+                   'torch hub cache; see fid.py); --fid_images 0 silences this line')
+            return None
+        if path is None:
+            return None
+        held_out = cls(load_inception(path, device), n, data_key, cache_dir, images_at)
+        print0(f'FID at every eval: {n} images vs {n} held-out ones (statistics '
+               f'{"read from" if held_out.cached else "cached in"} {held_out.cache}); '
+               f'Inception {held_out.model.weights}')
+        return held_out
+
+    def stats(self, images_at, batch_size=50):
+        """extract() of images_at(indices) -> (b, 3, H, W) in [-1, 1], for indices 0..n-1."""
+        rank, world = dist.rank_world()
+        mine = list(range(rank, self.n, world))
+        batches = (data.to_uint8(images_at(mine[i:i + batch_size]))
+                   for i in range(0, len(mine), batch_size))
+        device = next(self.model.parameters()).device
+        return extract(self.model, batches, 'adm', device, self.n, desc='FID')
+
+    def __call__(self, images_at):
+        s = self.stats(images_at)
+        return frechet_distance(s['mu'], s['sigma'], self.ref['mu'], self.ref['sigma'])
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -414,7 +413,7 @@ def main(argv=None):
     model = load_inception(args.weights, args.device, args.download)
     samples = read_input(args.samples, model, args)
     results = {}
-    if 'logits' in samples:
+    if len(samples.get('logits', ())):
         results['IS'] = inception_score(samples['logits'], args.split_size)
     if args.reference:
         want_images = 'pool' in samples and not args.no_pr

@@ -2663,7 +2663,7 @@ def test_fid_pooling_quirks_of_the_tf_graph():
 
 def test_fid_features_batch_independent_and_spatial_is_mixed_6d_nhwc(fid_net):
     model, _ = fid_net
-    x = fid.preprocess(u8_images(3, 64, 48), 'adm')                          # (3, 3, 299, 299)
+    x = inception.preprocess(u8_images(3, 64, 48), 'adm')                    # (3, 3, 299, 299)
     taps = []
     hook = model.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: taps.append(o))
     with torch.no_grad():
@@ -2680,10 +2680,10 @@ def test_fid_features_batch_independent_and_spatial_is_mixed_6d_nhwc(fid_net):
 def test_fid_tf1_resize_hand_cases_and_modes():
     """TF1 legacy bilinear: src = dst * in / out, hi clamped to the last pixel."""
     row = torch.tensor([[[[10., 40.]]]])                                     # (1, 1, 1, 2)
-    up = fid.resize_tf1_bilinear(row.expand(1, 1, 2, 2), size=3)[0, 0, 0]
+    up = inception.resize_tf1_bilinear(row.expand(1, 1, 2, 2), size=3)[0, 0, 0]
     torch.testing.assert_close(up, torch.tensor([10., 10 + 2 / 3 * 30, 40.]))  # src 0, 2/3, 4/3
     x = torch.arange(16.).view(1, 1, 4, 4)
-    torch.testing.assert_close(fid.resize_tf1_bilinear(x, size=2)[0, 0], x[0, 0, ::2, ::2])
+    torch.testing.assert_close(inception.resize_tf1_bilinear(x, size=2)[0, 0], x[0, 0, ::2, ::2])
     # a float32 numpy transcription of the formula, separable, on a non-square image
     img = np.random.default_rng(0).integers(0, 256, (1, 3, 37, 52)).astype(np.float32)
 
@@ -2695,17 +2695,18 @@ def test_fid_tf1_resize_hand_cases_and_modes():
     t = img[..., lo] + (img[..., hi] - img[..., lo]) * f
     lo, hi, f = axis(37)
     ref = t[..., lo, :] + (t[..., hi, :] - t[..., lo, :]) * f[:, None]
-    assert np.array_equal(fid.resize_tf1_bilinear(torch.from_numpy(img)).numpy(), ref)
+    assert np.array_equal(inception.resize_tf1_bilinear(torch.from_numpy(img)).numpy(), ref)
     u8 = u8_images(2, 37, 52)
     x = torch.from_numpy(u8).permute(0, 3, 1, 2).float()
-    assert torch.equal(fid.preprocess(u8, 'adm'), (fid.resize_tf1_bilinear(x) - 128) / 128)
+    assert torch.equal(inception.preprocess(u8, 'adm'),
+                       (inception.resize_tf1_bilinear(x) - 128) / 128)
     ref = F.interpolate(x / 255, size=(299, 299), mode='bilinear', align_corners=False) * 2 - 1
-    assert torch.equal(fid.preprocess(u8, 'pytorch_fid'), ref)
-    assert fid.preprocess(u8, 'adm').is_contiguous()   # NCHW memory, the kernels pytorch-fid gets
+    assert torch.equal(inception.preprocess(u8, 'pytorch_fid'), ref)
+    assert inception.preprocess(u8, 'adm').is_contiguous()   # NCHW, pytorch-fid's kernels
     with pytest.raises(ValueError, match='uint8'):
-        fid.preprocess(u8.astype(np.float32), 'adm')
+        inception.preprocess(u8.astype(np.float32), 'adm')
     with pytest.raises(ValueError, match='unknown mode'):
-        fid.preprocess(u8, 'clean')
+        inception.preprocess(u8, 'clean')
 
 
 def test_fid_frechet_distance_closed_forms():
@@ -2782,10 +2783,10 @@ def test_fid_center_crop_is_adm_imagenet_crop():
     """Halve (BOX) while the short side >= 2 size, bicubic to short side = size, centre crop."""
     img = Image.new('RGB', (1100, 700), (200, 30, 90))
     img.paste((0, 0, 255), (0, 0, 100, 700))                 # a left band, cropped away
-    out = fid.center_crop(img, 256)                          # 1100x700 -> 550x350 -> 402x256
+    out = inception.center_crop(img, 256)                          # 1100x700 -> 550x350 -> 402x256
     assert out.shape == (256, 256, 3) and out.dtype == np.uint8
     assert (out == (200, 30, 90)).all()
-    assert fid.center_crop(Image.new('RGB', (300, 256)), 256).shape == (256, 256, 3)
+    assert inception.center_crop(Image.new('RGB', (300, 256)), 256).shape == (256, 256, 3)
 
 
 def test_fid_cli_npz_folder_stats_and_errors(fid_net, tmp_path, capsys):
