@@ -221,6 +221,15 @@ class Stage2Training:
         data.save_image_grid(torch.cat(rows).float().cpu(), path, nrow=n)
         model.train()
 
+    def fid_images(self, model, indices):
+        """Stage 2's renderings (top-p 0.8) of the DiGIT tokens of held-out images `indices`."""
+        S, device = self.config['source_len'], self.run.device
+        tokens = torch.stack([self.val_set[i][0] for i in indices]).to(device)    # (b, S + L)
+        vq = model.generate(torch.zeros(len(indices), dtype=torch.long, device=device),
+                            top_p=self.args.top_p or 0.8, seed=self.args.seed + indices[0],
+                            source=tokens[:, :S])                                 # (b, L)
+        return self.vae.idx_to_img([vq]).float()
+
     def summary(self, r, step):
         return token_summary(r, step)
 

@@ -2,15 +2,19 @@
 Where the code runs: the device, and the processes of a `torchrun` job.
 
 Every entry point (train.py, sample.py, fid.py, tokenizer.py, kmeans.py) starts with
-`device, rank, world = dist.setup(args.device)` and ends with `dist.cleanup()`; nothing else in
-the repo reads RANK or picks a device. Plain `python script.py` is one process (rank 0 of 1);
+`device, rank, world = dist.setup(args.device)` (train.py: `training_run(args)`, which also picks
+its precision) and ends with `dist.cleanup()`; nothing else in the repo reads RANK or picks a
+device. Plain `python script.py` is one process (rank 0 of 1);
 under `torchrun` every process joins one group, NCCL on GPUs and gloo on CPU (so DDP can be
 tested on any machine), and takes the GPU of its LOCAL_RANK.
 
     torchrun --standalone --nproc_per_node=8 train.py ...     # 8 GPUs, one machine
     torchrun --nproc_per_node=2 train.py --device cpu ...     # 2 CPU processes (gloo)
 """
+import importlib.util
 import os
+from collections import namedtuple
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -38,6 +42,24 @@ def setup(device='', mps=True, tf32=False):
         torch.cuda.set_device(device)
     dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
     return device, dist.get_rank(), dist.get_world_size()
+
+
+Run = namedtuple('Run', 'device rank world autocast')   # what a training piece knows of the run
+
+
+def training_run(args):
+    """train.py's setup(): the device and process group, TF32 on, then the defaults that depend
+    on the device: --dtype (bfloat16 autocast on CUDA, float32 elsewhere) and --compile (on
+    with CUDA when Triton is installed, which GPU kernels need; absent on Windows)."""
+    device, rank, world = setup(args.device, tf32=True)
+    device_type = torch.device(device).type
+    if args.dtype is None:
+        args.dtype = 'bfloat16' if device_type == 'cuda' else 'float32'
+    if args.compile is None:
+        args.compile = device_type == 'cuda' and importlib.util.find_spec('triton') is not None
+    dtype = getattr(torch, args.dtype)
+    ctx = torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    return Run(device, rank, world, ctx)
 
 
 def rank_world():

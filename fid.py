@@ -340,7 +340,7 @@ class HeldOut:
     the weights. Under torchrun every rank makes its share. Few images bias FID upwards (a
     floor above 0 even for real images): compare runs at the same n."""
 
-    def __init__(self, model, n, data_key, cache_dir, images_at):
+    def __init__(self, model, n, data_key, cache_dir, val_set):
         self.model, self.n = model, n
         key = hashlib.sha256(repr((data_key, n, model.weights)).encode()).hexdigest()[:12]
         self.cache = os.path.join(cache_dir, f'fid_stats_{key}.npz')
@@ -348,23 +348,23 @@ class HeldOut:
         if self.cached:
             self.ref = read_npz(self.cache, 'adm')[1]
         else:
-            self.ref = self.stats(images_at)
+            self.ref = self.stats(lambda idx: torch.stack([val_set[i][0] for i in idx]))
             if dist.rank_world()[0] == 0:
                 os.makedirs(cache_dir, exist_ok=True)
                 save_stats(self.cache, self.ref, 'adm')
 
     @classmethod
-    def start(cls, weights, n, data_key, cache_dir, images_at, device, print0):
-        """A HeldOut, or None with one line saying why: no weights found, or n = 0."""
+    def start(cls, n, data_key, cache_dir, val_set, device, print0):
+        """A HeldOut, or None (n = 0; no weights found: one line says so)."""
         try:
-            path = find_weights(weights) if n else None
+            path = find_weights() if n else None
         except SystemExit:
-            print0('FID off: no Inception weights (--fid_weights, $FID_INCEPTION_WEIGHTS or the '
-                   'torch hub cache; see fid.py); --fid_images 0 silences this line')
+            print0('FID off: no Inception weights ($FID_INCEPTION_WEIGHTS or the torch hub '
+                   'cache, as fid.py finds them); --fid_images 0 silences this line')
             return None
         if path is None:
             return None
-        held_out = cls(load_inception(path, device), n, data_key, cache_dir, images_at)
+        held_out = cls(load_inception(path, device), n, data_key, cache_dir, val_set)
         print0(f'FID at every eval: {n} images vs {n} held-out ones (statistics '
                f'{"read from" if held_out.cached else "cached in"} {held_out.cache}); '
                f'Inception {held_out.model.weights}')

@@ -266,7 +266,7 @@ class ArchiveUnpickler(pickle.Unpickler):
         allowed = {('torch._utils', '_rebuild_tensor_v2'): rebuild_tensor,
                    ('torch.jit._pickle', 'build_intlist'): list,
                    ('collections', 'OrderedDict'): collections.OrderedDict}
-        if module.startswith('__torch__.'):
+        if module.split('.')[0] == '__torch__':
             return ScriptModule
         if module == 'torch' and name in STORAGES:
             return STORAGES[name]

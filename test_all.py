@@ -9,6 +9,7 @@ import argparse
 import errno
 import hashlib
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import tempfile
 import types
 import typing
 import warnings
+import zipfile
 from collections import OrderedDict, defaultdict
 
 import numpy as np
@@ -2852,6 +2854,125 @@ def test_fid_two_ranks_equal_one_process(fid_net, tmp_path):
     # moves features by ~1e-5; dropping one of the 7 images moves the mean by up to 0.8
     for k in ('mu', 'sigma', 'mu_s', 'sigma_s'):
         np.testing.assert_allclose(a[k], b[k], rtol=1e-3, atol=1e-4)
+
+
+# --- NVIDIA's TorchScript port, and FID inside train.py ----------------------------------------
+
+NVIDIA_KEYS = os.path.join(REPO, 'testdata', 'nvidia_inception_keys.txt')
+
+
+class ScriptNode(torch.nn.Module):
+    """A module of a test TorchScript archive: tensors and submodules under NVIDIA's names."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def nvidia_archive(path, drop=(), extra=()):
+    """A TorchScript archive with the tensor names and shapes of NVIDIA's Inception port
+    (testdata), distinct random values (var > 0); `drop` / `extra` names removed / added."""
+    g, root = torch.Generator().manual_seed(0), ScriptNode()
+    keys = {k: s for k, s in _read_keys(NVIDIA_KEYS).items() if k not in drop}
+    for name, shape in {**keys, **{k: (3,) for k in extra}}.items():
+        *modules, param = name.split('.')
+        node = root
+        for m in modules:
+            if not hasattr(node, m):
+                node.add_module(m, ScriptNode())
+            node = getattr(node, m)
+        value = torch.rand(shape, generator=g) + 0.5 if param == 'var' else \
+            torch.randn(shape, generator=g)
+        node.register_parameter(param, torch.nn.Parameter(value))
+    torch.jit.script(root).save(str(path))
+    return keys
+
+
+def test_fid_nvidia_torchscript_port_converts_every_tensor(tmp_path):
+    """NVIDIA's names and shapes (read off the released archive) load into FIDInception: each
+    of their 378 tensors lands in exactly one of ours, BN scales are 1, output -> fc; TF's
+    names pair with pytorch-fid's (spot checks written by hand); without `output` there is no
+    fc (no IS); an unknown tensor is one line naming it."""
+    path = tmp_path / 'inception-2015-12-05.pt'
+    keys = nvidia_archive(path)
+    theirs = inception.read_torchscript(str(path))
+    assert set(theirs) == set(keys) and len(keys) == 378
+    model = inception.load_inception(str(path))
+    ours = {k: v for k, v in model.state_dict().items() if 'num_batches' not in k}
+    fingerprint = lambda t: (tuple(t.shape), round(t.double().sum().item(), 6))
+    bn_scales = [k for k in ours if k.endswith('bn.weight')]
+    assert all(torch.equal(ours[k], torch.ones_like(ours[k])) for k in bn_scales)
+    assert sorted(fingerprint(v) for k, v in ours.items() if k not in bn_scales) == \
+        sorted(fingerprint(v) for v in theirs.values())
+    for nv, pt in [('layers.conv_4.beta', 'Conv2d_4a_3x3.bn.bias'),
+                   ('layers.mixed_4.tower_1.conv_4.weight', 'Mixed_6b.branch7x7dbl_5.conv.weight'),
+                   ('layers.mixed_10.tower_1_mixed_conv.var',
+                    'Mixed_7c.branch3x3dbl_3a.bn.running_var'),
+                   ('layers.mixed_8.tower_1.conv_3.mean', 'Mixed_7a.branch7x7x3_4.bn.running_mean'),
+                   ('output.weight', 'fc.weight')]:
+        assert torch.equal(ours[pt], theirs[nv]), (nv, pt)
+    assert model.weights.startswith('a TorchScript port, converted')
+    nvidia_archive(tmp_path / 'no_fc.pt', drop=('output.weight', 'output.bias'))
+    assert inception.load_inception(str(tmp_path / 'no_fc.pt')).fc is None
+    nvidia_archive(tmp_path / 'extra.pt', extra=('layers.mixed_3.tower.gamma',))
+    with pytest.raises(SystemExit, match=r'extra.pt: not NVIDIA.*layers.mixed_3.tower.gamma'):
+        inception.load_inception(str(tmp_path / 'extra.pt'))
+
+
+def test_fid_torchscript_reader_never_runs_code(tmp_path):
+    """An archive whose data.pkl would call os.system is refused in one line; nothing ran."""
+    marker, path = tmp_path / 'ran', tmp_path / 'evil.pt'
+    with zipfile.ZipFile(path, 'w') as z:
+        z.writestr('evil/data.pkl', pickle.dumps(RunsCode(marker), protocol=2))
+        z.writestr('evil/constants.pkl', pickle.dumps((), protocol=2))
+    with pytest.raises(SystemExit, match=r'evil.pt: not NVIDIA.*refused global posix.system'):
+        inception.load_inception(str(path))
+    assert not marker.exists()
+
+
+class Images(torch.utils.data.Dataset):
+    """(image in [-1, 1], label) pairs, as data.py's datasets give them."""
+
+    def __init__(self, n, size=16, seed=0):
+        self.x = torch.from_numpy(u8_images(n, size, size, seed)).permute(0, 3, 1, 2) / 127.5 - 1
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], 0
+
+
+def test_fid_held_out_statistics_are_cached_by_data_and_count_and_reused(fid_net, tmp_path,
+                                                                         monkeypatch):
+    """The held-out statistics are computed once per (data key, n, weights) and read back
+    after; a tokenizer that returns its input has FID ~0, another image set clearly more;
+    without weights FID is off with one line."""
+    monkeypatch.setenv('FID_INCEPTION_WEIGHTS', fid_net[1])
+    val, lines = Images(3), []
+    start = lambda n, key: fid.HeldOut.start(n, key, str(tmp_path), val, 'cpu', lines.append)
+    first = start(3, ('data', 16))
+    assert not first.cached and os.path.exists(first.cache) and 'cached in' in lines[-1]
+    again = start(3, ('data', 16))
+    assert again.cached and again.cache == first.cache and 'read from' in lines[-1]
+    np.testing.assert_array_equal(again.ref['mu'], first.ref['mu'])
+    assert len({first.cache, start(2, ('data', 16)).cache, start(3, ('data', 32)).cache}) == 3
+    identity = first(lambda idx: torch.stack([val[i][0] for i in idx]))
+    other = Images(3, seed=7)
+    assert abs(identity) < 1e-3 < first(lambda idx: torch.stack([other[i][0] for i in idx]))
+    monkeypatch.delenv('FID_INCEPTION_WEIGHTS')
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'empty_hub'))
+    assert start(3, ('data', 16)) is None and lines[-1].startswith('FID off: no Inception')
+    assert start(0, ('data', 16)) is None
+
+
+def test_train_logs_fid_of_the_tokenizer_at_every_eval(fid_net, tmp_path, monkeypatch):
+    """--fid_images 2: the VQVAE's rFID is in every eval line, its held-out statistics cached
+    beside --out_dir; the final report names it."""
+    monkeypatch.setenv('FID_INCEPTION_WEIGHTS', fid_net[1])
+    train.main(train.get_args(tiny_run(tmp_path / 'vq', '--max_iters', '4', '--fid_images', '2')))
+    evals = [ln for ln in open(tmp_path / 'vq' / 'log.txt') if ln.startswith('eval')]
+    assert len(evals) == 2 and all(' fid ' in ln for ln in evals)
+    assert len(list((tmp_path / 'fid_stats').glob('fid_stats_*.npz'))) == 1
 
 
 # --- bad command lines and files of every CLI: one line naming the flag or the file ------------

@@ -25,8 +25,9 @@ A training piece is a small class; train.py uses exactly this of it:
     summary(stats, step)      the final report, from the held-out figures
     frozen                    flags of its frozen inputs (--vae): a resume must keep them
     no_decay                  parameter-name parts that get no weight decay
-and where a model needs them (the VQVAE): discriminator() and disc_loss(disc, step) (a GAN),
-after_step(model, batch, step) -> counts for the log, log_extras(model), figures(sums).
+and where a model needs them: discriminator(), disc_loss(disc, step) (the VQVAE's GAN), after_step
+(model, batch, step) -> log counts, log_extras(model), figures(sums); fid_images(model, indices)
+-> images in [-1, 1] whose FID (fid.HeldOut) is logged at every eval (vqvae, var, stage2).
 
     python train.py --model vqvae                         # laptop / CPU: built-in data, 32 px
     python train.py --model var --depth 4 --lr 1e-3 --max_iters 300     # ... then VAR on it
@@ -39,11 +40,9 @@ randomness is a function of (seed, rank, step), data order of (seed, epoch). --t
 images make a step whatever the number of GPUs; --batch_size is the micro-batch (lower on OOM).
 """
 import argparse
-import importlib.util
 import math
 import os
 import time
-from collections import namedtuple
 from contextlib import nullcontext
 
 import torch
@@ -56,6 +55,7 @@ import cli
 import data
 import digit
 import dist
+import fid
 import standin
 import var
 import vqvae_train
@@ -81,8 +81,8 @@ def get_args(argv=None):
     g.add_argument('--label_smooth', type=below_one, help='label smoothing (var 0, gpt 0.1)')
     g.add_argument('--cfg', type=nonneg_float, default=4.0, help='var, gpt: guidance of grids')
     g.add_argument('--top_k', type=nonneg_int, default=0, help='var, gpt, stage2: grids\' top-k')
-    g.add_argument('--top_p', type=fraction, default=0.0,
-                   help="var, gpt: top-p of the grids (0: off; stage2: 0.8, DiGIT's)")
+    g.add_argument('--top_p', type=fraction, default=0.0, help="var, gpt: grids' top-p (0: "
+                   "off; stage2: 0.8, DiGIT's)")
     for piece in dict.fromkeys(MODELS.values()):
         piece.add_args(p)
     add_shared_args(p)
@@ -146,26 +146,11 @@ def add_shared_args(p):
     g.add_argument('--save_every', type=positive_int, default=200, help='steps between saves')
     g.add_argument('--stop_after', type=nonneg_int, default=0,
                    help='exit after this many steps in this run (checkpointed; rerun resumes)')
+    g.add_argument('--fid_images', type=nonneg_int, default=1000, help='FID at evals (0: off)')
 
 
 # ----------------------------------------------------------------------------------------------
-# Device, precision, optimisation
-
-Run = namedtuple('Run', 'device rank world autocast')   # what a piece knows of the run
-
-
-def setup(args):
-    """The device and process group (dist.py), then the precision and compile defaults for it."""
-    device, rank, world = dist.setup(args.device, tf32=True)
-    device_type = torch.device(device).type
-    if args.dtype is None:
-        args.dtype = 'bfloat16' if device_type == 'cuda' else 'float32'
-    if args.compile is None:   # compiling needs Triton for GPU kernels (absent on Windows)
-        args.compile = device_type == 'cuda' and importlib.util.find_spec('triton') is not None
-    dtype = getattr(torch, args.dtype)
-    ctx = torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-    return Run(device, rank, world, ctx)
-
+# Optimisation (the device and precision: dist.training_run)
 
 def lr_at(step, args):
     """Linear warmup to --lr, then cosine / linear decay to --lr * --min_lr_ratio, or fairseq's
@@ -196,10 +181,11 @@ def make_optimizer(model, args, no_decay_names=()):
 # Validation and logs
 
 @torch.no_grad()
-def validate(model, piece, args, run):
+def validate(model, piece, args, run, fid_ref=None):
     """Every rank sums the piece's held-out sums over its slice of the first --eval_images
     held-out items; the sums are all-reduced and divided by the item count (or turned into
-    figures by the piece's own figures(sums))."""
+    figures by the piece's own figures(sums)). With fid_ref (fid.HeldOut), also the FID of the
+    piece's fid_images."""
     model.eval()
     val_set = piece.val_set
     items = range(run.rank, min(len(val_set), args.eval_images), run.world)
@@ -215,13 +201,16 @@ def validate(model, piece, args, run):
                           'n': torch.tensor(len(batch[0]))}
         for k, v in batch_sums.items():
             sums[k] = sums.get(k, 0.0) + v.to(run.device, torch.float32)
+    fid_value = fid_ref(lambda idx: piece.fid_images(model, idx)) if fid_ref else None
     model.train()
     for v in sums.values() if run.world > 1 else ():
         torch.distributed.all_reduce(v)
     if hasattr(piece, 'figures'):
-        return piece.figures(sums)
-    n = sums.pop('n').clamp_min(1)
-    return {k: (v / n).tolist() if v.ndim else (v / n).item() for k, v in sums.items()}
+        out = piece.figures(sums)
+    else:
+        n = sums.pop('n').clamp_min(1)
+        out = {k: (v / n).tolist() if v.ndim else (v / n).item() for k, v in sums.items()}
+    return out if fid_value is None else dict(out, fid=fid_value)
 
 
 def format_stats(stats):
@@ -278,9 +267,8 @@ def datasets(args, run, print0):
     if rem or not accum:
         raise SystemExit(f'--total_batch_size {args.total_batch_size} must be a multiple of '
                          f'--batch_size {args.batch_size} x {run.world} processes')
-    if args.num_workers < 0:
-        args.num_workers = 0 if args.data == 'builtin' else min(8, (os.cpu_count() or 1)
-                                                                // run.world)
+    if args.num_workers < 0:   # the built-in data is made in memory
+        args.num_workers = 0 if args.data == 'builtin' else min(8, os.cpu_count() // run.world)
     train_set = data.build_dataset(args.data, args.resolution, True, args.hflip, args.seed,
                                    size=args.train_images or None)
     val_set = data.build_dataset(args.data, args.resolution, False, seed=args.seed)
@@ -345,7 +333,7 @@ def train_step(model, disc, piece, batches, s, args, run, accum, lr, sums):
 
 
 def main(args):
-    run = setup(args)
+    run = dist.training_run(args)
     with checkpoint.OutDirLock(args.out_dir) if run.rank == 0 else nullcontext():
         raw = fit(args, run)
     dist.cleanup()
@@ -368,6 +356,7 @@ def fit(args, run):
                     if run.device.startswith('cuda') else None)
         disc = DDP(disc) if disc is not None else None
     eval_model = ema if ema is not None else raw   # validation and pictures use the EMA
+    fid_ref = held_out_fid(piece, val_set, args, run, print0)
     log_path = os.path.join(args.out_dir, 'log.txt')
     log = lambda line: append_log(line, log_path if master else None)
     batches = data.endless_batches(piece.train_set, args.batch_size, args.num_workers, run.rank,
@@ -407,7 +396,7 @@ def fit(args, run):
             sums, counts, t0, last_log = {}, {}, time.time(), step
         last = step == args.max_iters or (args.stop_after and step - start >= args.stop_after)
         if step % args.eval_every == 0 or last:
-            held_out = validate(eval_model, piece, args, run)
+            held_out = validate(eval_model, piece, args, run, fid_ref)
             log(f'eval {step} {format_stats(held_out)}')
         if master and piece.picture_name and (step % args.sample_every == 0 or last):
             piece.picture(eval_model, os.path.join(args.out_dir,
@@ -428,6 +417,15 @@ def fit(args, run):
     return raw
 
 
+def held_out_fid(piece, val_set, args, run, print0):
+    """fid.HeldOut of the first --fid_images held-out images (statistics cached beside
+    --out_dir) if the piece makes images: fid_images(model, indices) -> (b, 3, H, W)."""
+    n = min(args.fid_images, len(val_set)) if hasattr(piece, 'fid_images') else 0
+    key = (os.path.abspath(args.data), args.resolution, len(val_set), args.seed)
+    cache = os.path.join(os.path.dirname(os.path.abspath(args.out_dir)), 'fid_stats')
+    return fid.HeldOut.start(n, key, cache, val_set, run.device, print0)
+
+
 def append_log(line, path):
     """Print a log line and append it to path; path None (ranks > 0): nothing."""
     if path is None:
@@ -441,6 +439,8 @@ def report(piece, held_out, args, s, ckpt_path, log_path):
     """The final held-out figures (the piece's summary) and where the results are."""
     step, name = s['step'], piece.picture_name
     print('\n' + piece.summary(held_out, step))
+    if 'fid' in held_out:
+        print(f"FID {held_out['fid']:.2f} (--fid_images {args.fid_images} vs as many held-out)")
     picture = os.path.join(args.out_dir, f'{name}_{step:06d}.png')
     print(f'checkpoint {ckpt_path}\n' + (f'{name} {picture}\n' if name else '') + f'log {log_path}'
           + (f"\n{len(s['bad'].paths)} unreadable files were skipped" if s['bad'].paths else ''))

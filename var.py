@@ -347,6 +347,15 @@ class Training:
         data.save_image_grid(img.float().cpu() * 2 - 1, path, nrow=len(classes))
         model.train()
 
+    def fid_images(self, model, indices):
+        """Generated images of the classes indices % classes, the grids' sampling settings."""
+        a = self.args
+        labels = torch.tensor(indices, device=self.run.device) % self.num_classes
+        with self.run.autocast:
+            img = model.generate(labels, cfg=a.cfg, top_k=a.top_k, top_p=a.top_p,
+                                 seed=a.seed + indices[0])                  # (b, 3, H, W)
+        return img.float() * 2 - 1
+
     def summary(self, r, step):
         patch_nums = self.config['patch_nums']
         accs = ', '.join(f'{pn}x{pn}: {r[f"acc_{k}"]:.1f}%' for k, pn in enumerate(patch_nums))

@@ -309,6 +309,12 @@ class Training:
         data.save_image_grid(torch.cat(rows).float().cpu(), path, nrow=len(img))
         model.train()
 
+    def fid_images(self, model, indices):
+        """rFID: the reconstructions of the held-out images `indices`, (b, 3, H, W)."""
+        img = torch.stack([self.val_set[i][0] for i in indices]).to(self.run.device)
+        with self.run.autocast:
+            return model.idx_to_img(model.img_to_idx(img)).float()
+
     def summary(self, r, step):
         per_scale = ', '.join(f'{pn}x{pn}: {c:.1f}%'
                               for pn, c in zip(self.config['patch_nums'], r['codes%']))
