@@ -53,7 +53,7 @@ def add_args(parser):
     g.add_argument('--tokenizer', default='out/tokenizer/tokenizer.pt',
                    help='gpt, stage2: the frozen DiGIT tokenizer (python tokenizer.py fit)')
     g.add_argument('--gpt', default='out/gpt/ckpt.pt', help='probe: the GPT to probe (its '
-                   'tokenizer comes with it)')
+                   'tokenizer comes with it); stage2: its samples make the FID images')
     g.add_argument('--cond', choices=['token', 'adaln'], default='token',
                    help='gpt: class as the start token, or also AdaLN in every block')
 
@@ -196,6 +196,11 @@ class Stage2Training:
             vocab_size=vae.config.vocab_size, block_size=vae.config.patch_nums[0] ** 2,
             depth=args.depth, num_classes=0, dropout=args.dropout,
             source_vocab_size=tok.vocab_size, source_len=tok.grid ** 2))
+        self.stage1 = None   # with --gpt of this tokenizer: FID of the whole chain's samples
+        if args.fid_images and os.path.exists(args.gpt):
+            s1 = gpt.GPT.from_checkpoint(checkpoint.load(args.gpt, '--gpt', foreign=True), ['gpt'])
+            if (s1.config.vocab_size, s1.config.block_size) == (tok.vocab_size, tok.grid ** 2):
+                self.stage1 = s1.to(run.device)
 
     def build(self):
         return gpt.GPT(**self.config)
@@ -222,12 +227,18 @@ class Stage2Training:
         model.train()
 
     def fid_images(self, model, indices):
-        """Stage 2's renderings (top-p 0.8) of the DiGIT tokens of held-out images `indices`."""
-        S, device = self.config['source_len'], self.run.device
-        tokens = torch.stack([self.val_set[i][0] for i in indices]).to(device)    # (b, S + L)
+        """The chain's samples: --gpt's tokens of the classes indices % classes (the grids' cfg
+        and top-k), rendered by stage 2 (top-p 0.8) and the VQVAE; without a --gpt of this
+        tokenizer, stage 2's renderings of the DiGIT tokens of held-out images `indices`."""
+        a, device, seed = self.args, self.run.device, self.args.seed + indices[0]
+        if self.stage1 is not None:
+            labels = torch.tensor(indices, device=device) % max(self.stage1.num_classes, 1)
+            source = self.stage1.generate(labels, cfg=a.cfg, top_k=a.top_k, seed=seed)
+        else:
+            tokens = torch.stack([self.val_set[i][0] for i in indices]).to(device)
+            source = tokens[:, :self.config['source_len']]                         # (b, S)
         vq = model.generate(torch.zeros(len(indices), dtype=torch.long, device=device),
-                            top_p=self.args.top_p or 0.8, seed=self.args.seed + indices[0],
-                            source=tokens[:, :S])                                 # (b, L)
+                            top_p=a.top_p or 0.8, seed=seed, source=source)       # (b, L)
         return self.vae.idx_to_img([vq]).float()
 
     def summary(self, r, step):

@@ -43,6 +43,8 @@ class StandInConfig:
     local_size: int = 16       # their side in pixels
     local_scale: float = 0.3   # their largest crop side (smallest: local_scale / 2)
     last_patch: bool = False   # also the patch term on the last block when patch_block != -1
+    mask_ratio: float = 0.0    # share of view 2's patches replaced by the mask token (iBOT)
+    max_patches: int = 0       # patch term on at most this many matched patches (0: all)
 
 
 def random_views(img, min_scale, generator=None):
@@ -123,13 +125,13 @@ class ContrastiveViT(nn.Module):
         for name, value in (('mean', IMAGENET_MEAN), ('std', IMAGENET_STD)):
             self.register_buffer(name, torch.tensor(value).view(1, 3, 1, 1), persistent=False)
 
-    def encode(self, x):
+    def encode(self, x, masks=None):
         """views (N, 3, h, w) in [-1, 1] -> projected class token (N, P), unit norm, and the
         projected patch features of each patch block {block: (N, L, P)} (not normalised)."""
         cfg, vit = self.config, self.vit
         if cfg.normalize:
             x = ((x + 1) / 2 - self.mean) / self.std
-        t = vit.prepare_tokens(x)
+        t = vit.prepare_tokens(x, masks)
         blocks = {cfg.patch_block % cfg.depth}
         if cfg.last_patch:
             blocks.add(cfg.depth - 1)
@@ -146,7 +148,11 @@ class ContrastiveViT(nn.Module):
         cfg, B = self.config, img.shape[0]
         n = img.shape[-1] // cfg.patch_size
         views, scale, shift = random_views(img, cfg.min_scale, generator)
-        g, z = self.encode(views)
+        masks = None
+        if cfg.mask_ratio:
+            masks = torch.rand(2 * B, n * n, generator=generator).to(img.device) < cfg.mask_ratio
+            masks[:B] = False
+        g, z = self.encode(views, masks)
         gs, zs = [g[:B], g[B:]], [{k: v[:B] for k, v in z.items()}, {k: v[B:] for k, v in z.items()}]
         scales, shifts, grids = [scale[0], scale[1]], [shift[0], shift[1]], [n, n]
         if cfg.local_crops:
@@ -165,17 +171,20 @@ class ContrastiveViT(nn.Module):
             for b in zs[i]:
                 l, a = patch_nce(zs[i][b], zs[j][b], torch.stack([scales[i], scales[j]]),
                                  torch.stack([shifts[i], shifts[j]]), grids[i], grids[j],
-                                 cfg.temperature)
+                                 cfg.temperature, cfg.max_patches * self.training, generator)
                 lp_.append(l); ap_.append(a)
         l_global, l_patch = sum(lg_) / len(lg_), sum(lp_) / len(lp_)
         parts = dict(glob=l_global.detach(), patch=l_patch.detach(), acc_g=ag_[0], acc_p=ap_[0])
         return (l_global + l_patch) / 2, parts
 
 
-def patch_nce(z1, z2, scale, shift, n1, n2, temperature):
+def patch_nce(z1, z2, scale, shift, n1, n2, temperature, max_patches=0, generator=None):
     """InfoNCE between view 2's patches and view 1's feature map sampled at their centres."""
     B = z1.shape[0]
     where, inside = matching_points(scale, shift, n2)                       # (B, L2, 2)
+    if max_patches and inside.sum() > max_patches:  # (training only, see forward)
+        r = torch.rand(inside.shape, generator=generator).to(z1.device).masked_fill(~inside, 2)
+        inside = r <= r.flatten().kthvalue(max_patches).values
     z1_map = z1.transpose(1, 2).reshape(B, -1, n1, n1)                      # (B, P, n1, n1)
     z1 = F.grid_sample(z1_map, where.unsqueeze(2), align_corners=False,
                        padding_mode='border')                               # (B, P, L2, 1)

@@ -2222,7 +2222,7 @@ def tiny_run(out_dir, *extra):
             '--max_iters', '6', '--batch_size', '4', '--total_batch_size', '8',
             '--warmup_iters', '2', '--log_every', '2', '--eval_every', '3', '--eval_images', '8',
             '--sample_every', '3', '--save_every', '100', '--reseed_every', '2',
-            '--train_images', '64', '--device', 'cpu', *extra]
+            '--train_images', '64', '--device', 'cpu', '--fid_images', '0', *extra]
 
 
 def test_train_lr_schedule_warmup_then_decay():
@@ -2305,9 +2305,10 @@ def test_train_probe_reads_a_released_stage1_with_digits_protocol(tmp_path):
                                            '--tokenizer', str(tmp_path / 'tok8.pt'))))
 
 
-def test_train_digit_chain_gpt_stage2_and_sample(tmp_path):
+def test_train_digit_chain_gpt_stage2_and_sample(tmp_path, fid_net, monkeypatch):
     """DiGIT end to end on 16 px built-in images: the stand-in encoder, K-Means, the GPT (4 steps
-    == 2 + resume 2), a one-scale VQVAE, stage 2, then sample.py's grid and .npz of the chain."""
+    == 2 + resume 2), a one-scale VQVAE, stage 2 (logging the FID of the chain's samples), then
+    sample.py's grid and .npz of the chain."""
     train.main(train.get_args(tiny_run(tmp_path / 'ssl', '--model', 'ssl', '--depth', '4',
                                        '--patch_size', '4', '--max_iters', '2')))
     tok = str(tmp_path / 'tok.pt')
@@ -2335,10 +2336,14 @@ def test_train_digit_chain_gpt_stage2_and_sample(tmp_path):
     with pytest.raises(SystemExit, match='stage 2 needs one'):
         train.main(train.get_args(tiny_run(tmp_path / 'bad', *s2, '--vae',
                                            str(tmp_path / 'multiscale.pt'))))
+    monkeypatch.setenv('FID_INCEPTION_WEIGHTS', fid_net[1])   # FID of the chain's samples
     model = train.main(train.get_args(tiny_run(tmp_path / 's2', *s2, '--vae',
-                                               str(tmp_path / 'vq' / 'ckpt.pt'))))
+                                               str(tmp_path / 'vq' / 'ckpt.pt'), '--gpt',
+                                               str(tmp_path / 'gb' / 'ckpt.pt'),
+                                               '--fid_images', '2')))
     assert (model.config.source_len, model.config.source_vocab_size,
             model.config.block_size, model.config.vocab_size) == (16, 8, 16, 64)
+    assert ' fid ' in open(tmp_path / 's2' / 'log.txt').read()
     chain = ['--ckpt', str(tmp_path / 'gb' / 'ckpt.pt'), '--stage2', str(tmp_path / 's2' /
              'ckpt.pt'), '--device', 'cpu', '--per_class', '1']
     sample.main(sample.get_args(chain + ['--out', str(tmp_path / 'grid.png')]))
@@ -2346,6 +2351,7 @@ def test_train_digit_chain_gpt_stage2_and_sample(tmp_path):
     sample.main(sample.get_args(chain + ['--num_samples', '3', '--npz', str(tmp_path / 'd.npz')]))
     npz = np.load(tmp_path / 'd.npz')
     assert npz['arr_0'].shape == (3, 16, 16, 3) and list(npz['labels']) == [0, 1, 2]
+
 
 def test_train_skips_unreadable_images_without_crashing(tmp_path):
     rng = np.random.default_rng(0)
