@@ -4,7 +4,7 @@ Lloyd K-Means in plain torch (CPU or GPU, optionally torch.distributed), the tok
 token is the index of its nearest centroid.
 
     init     greedy k-means++ (Arthur & Vassilvitskii 2007, sklearn's 2 + ln K local trials)
-             on a random sample of 64 K points, or K random sample points ('random', faiss)
+             on a random sample of 16 K points, or K random sample points ('random', faiss)
     E-step   a(x) = argmin_k ||x - c_k||^2 = argmin_k (||c_k||^2 - 2 x.c_k), fp32 addmm per block
     M-step   c_k = s_k / n_k, s_k = sum_{a(x)=k} x in float64, updated across iterations only by
              the points whose a(x) changed: s_a(x) += x, s_a_old(x) -= x
@@ -18,13 +18,6 @@ on a random donor); an optional relative-tolerance stop. As in faiss, n_iter ite
 assignment passes, `inertia_` that of the last (the centroids before the last update). Distances
 are fp32, TF32 off (bf16 mis-assigns about 10% of points). The data is not centred. Letters:
 N points, D features, K centroids. Subsampling (as faiss) follows the KMeans class.
-
-The default trades init cost for sklearn's quality. sklearn runs k-means++ on all N points: L = 2
-+ ln K passes of L x N distances, L Lloyd passes' worth (11 at DiGIT's K = 8192). We run it on
-S = 64 K of the <= 256 K points we train on: L S / N = L / 4 passes (2.75 at K = 8192, +14% on 20
-iterations). On a 60k x 96 mixture, K = 256 (`bench.py --kmeans`), the final inertia over sklearn's
-default is +3.6% at S = 16 K (the old default), +1.0% at 32 K, +0.3% at 64 K, +0.2% on all N
-(20 seeds, seed noise 0.6%), and 64 K takes X of sklearn's time.
 
 Under torch.distributed every rank passes its own shard to `fit`; per-cluster sums and counts
 are all-reduced, so every rank holds identical centroids. Test: `python -m pytest test_all.py -k
@@ -83,17 +76,20 @@ def kmeans_pp(x, k, n_trials, gen):
     """Greedy k-means++ (sklearn's): each step draws L = n_trials candidates with probability
     D(x)^2 / sum D^2, D(x) the distance to the nearest centre so far, and keeps the one that lowers
     sum_x D(x)^2 most. x (S, D) fp32 -> (k, D); O(k L S D) flops, one (L, S) block per step."""
-    S, x_sq = x.shape[0], _sq_norms(x)                                         # (S,)
-    chosen = torch.randint(S, (1,), generator=gen).repeat(k).to(x.device)      # (k,) rows of x
-    closest = sq_dists(x, x[chosen[:1]])[:, 0]                                 # (S,) D(x)^2
+    S = x.shape[0]
+    centres = x.new_empty(k, x.shape[1])                                       # (k, D)
+    centres[0] = x[torch.randint(S, (1,), generator=gen).item()]
+    x_sq = (x * x).sum(1)                                                      # (S,)
+    closest = sq_dists(x, centres[:1])[:, 0]                                   # (S,)
     for i in range(1, k):
         cum = closest.double().cumsum(0)                                       # (S,)
         r = torch.rand(n_trials, generator=gen, dtype=torch.float64).to(x.device) * cum[-1]
         cand = torch.searchsorted(cum, r).clamp_(max=S - 1)                    # (L,)
         d = torch.minimum(sq_dists(x[cand], x, x_sq), closest)                 # (L, S)
-        best = d.sum(1, dtype=torch.float64).argmin()  # no .item(): no GPU sync per step
-        closest, chosen[i] = d[best], cand[best]                               # (S,), a row
-    return x[chosen]                                                           # (k, D)
+        best = d.double().sum(1).argmin()
+        closest = d[best]                                                      # (S,)
+        centres[i] = x[cand[best]]
+    return centres
 
 
 class KMeans:
@@ -102,12 +98,12 @@ class KMeans:
     n_clusters K; n_iter Lloyd iterations (assignment + update); init 'k-means++' | 'random';
     tol: stop when the relative decrease of the inertia is <= tol (0 runs all n_iter); spherical:
     cosine K-Means on unit rows (||x - c||^2 = 2 - 2 cos); max_points_per_centroid: train on a
-    random subsample of at most K * this many points (faiss: 256, None = all); init_sample_per_
-    centroid: k-means++ on K * this many of those (sklearn: all, see above); chunk_size: rows per
-    distance block (default `block_rows`); device: where to compute (default: the data's)."""
+    random subsample of at most K * this many points (faiss: 256, None = all);
+    init_sample_per_centroid: k-means++ runs on K * this many; chunk_size: rows per distance
+    block (default `block_rows`); device: where to compute (default: the data's)."""
 
     def __init__(self, n_clusters, n_iter=20, init='k-means++', tol=1e-4, seed=0, spherical=False,
-                 max_points_per_centroid=256, init_sample_per_centroid=64, chunk_size=None,
+                 max_points_per_centroid=256, init_sample_per_centroid=16, chunk_size=None,
                  device=None, verbose=False):
         assert init in ('k-means++', 'random'), f"init must be 'k-means++' or 'random', got {init}"
         self.n_clusters, self.n_iter, self.init, self.tol = n_clusters, n_iter, init, tol
@@ -125,11 +121,14 @@ class KMeans:
         read once, its (sub)sample kept in memory; under torch.distributed each rank's own shard.
         init_centroids (K, D) (the same on every rank): Lloyd starts there. Returns self."""
         data = torch.from_numpy(data) if isinstance(data, np.ndarray) else data
-        K, (rank, world), mppc = self.n_clusters, dist.rank_world(), self.max_points_per_centroid
+        K, (rank, world) = self.n_clusters, dist.rank_world()
+        mppc = self.max_points_per_centroid
         with no_tf32():
             x, key, n_seen = _collect(data, K * mppc if mppc else None, self.seed,
                                       self._prepare)  # (n, D), (n,): all or K mppc, see below
-            n = dist.all_gather_rows(torch.tensor([[len(x), n_seen]], device=x.device)).sum(0)
+            n = torch.tensor([len(x), n_seen], device=x.device)
+            if world > 1:
+                torch.distributed.all_reduce(n)
             n_total = int(n[0])
             if n_total < K:
                 raise ValueError(f'kmeans: n_clusters={K} is larger than the {n_total} points')
@@ -289,17 +288,19 @@ def read_npy(path, what, mmap_mode=None):
 
 
 # ---- subsampling ------------------------------------------------------------------------------
-# With m = K * max_points_per_centroid, fit trains on the m rows of smallest key, a hash of (global
-# row index, seed): in effect the first m of a random permutation, a uniform subset that depends on
-# the rows alone, not on chunks or (tensors) ranks; k-means++ on the K * init_sample_per_centroid
-# smallest, in data order. key = hash * 2^31 + (index mod 2^31): the 31-bit hash orders the keys,
-# the index breaks ties and gives data order. hash = _mix31(_mix31(hi ^ lo) ^ hi), lo the index's
-# low 31 bits, hi = (index >> 31) * _HI_MULT + seed mod _SEED_MOD + 1.
+# With m = K * max_points_per_centroid, fit trains on the m rows with the smallest keys, a hash of
+# (global row index, seed): in effect the first m rows of a random permutation, a uniform subset
+# that depends on the rows alone, not on their chunks or (tensors) ranks. The init sample is the
+# K * init_sample_per_centroid smallest. key = hash * 2^31 + (index mod 2^31): the 31-bit hash
+# orders the keys, the index breaks ties and restores data order. hash = _mix31(_mix31(hi ^ lo) ^
+# hi), lo the index's low 31 bits, hi = (index >> 31) * _HI_MULT + seed mod _SEED_MOD + 1 (salt).
 _MASK31 = 0x7FFFFFFF      # 2^31 - 1: hash values and the key's index field are 31 bits
 _HI_MULT = 40503          # Knuth's Fibonacci-hashing multiplier: 2^16 / golden ratio, rounded
 _SEED_MOD = 65521         # the largest prime below 2^16 (as Adler-32): the seed's salt
-_LCG_MULT, _LCG_INC = 1103515245, 12345  # the C standard's example rand() (an LCG), mod 2^31
-_XORSHIFT, _MIX_ROUNDS = 13, 3  # h ^= h >> 13 folds high bits into low; LCG + xorshift rounds
+_LCG_MULT = 1103515245    # the multiplier and increment of the C standard's example rand()
+_LCG_INC = 12345          # (a linear congruential generator), here mod 2^31
+_XORSHIFT = 13            # h ^= h >> 13 folds the well-mixed high bits into the weak low ones
+_MIX_ROUNDS = 3           # LCG + xorshift rounds per mix
 _RANK_STRIDE = 1 << 40    # chunk iterators: rank r numbers its rows r * 2^40 + 0, 1, ...
 
 
@@ -318,7 +319,8 @@ def _row_keys(idx, seed):
     indices less than 2^31 apart. idx (n,) int64 >= 0 -> (n,) int64 in [0, 2^62)."""
     lo = idx & _MASK31                                                         # (n,)
     hi = (idx >> 31) * _HI_MULT + seed % _SEED_MOD + 1                         # (n,) the salt
-    return (_mix31(_mix31(hi ^ lo) ^ hi) << 31) | lo                          # (n,)
+    h = _mix31(_mix31(hi ^ lo) ^ hi)                                           # (n,) 31 bits
+    return (h << 31) | lo
 
 
 def _collect(data, m, seed, prepare):
@@ -375,11 +377,10 @@ def _smallest(keep, m):
 
 def _init_sample(x, key, S):
     """The init sample: the S rows of smallest key over all ranks (each gives its own S smallest),
-    in data order: the same on every rank and in one process. x (n, D), key (n,) -> (S, D)."""
+    in key order: the same on every rank and in one process. x (n, D), key (n,) -> (S, D)."""
     idx = torch.topk(key, min(S, len(key)), largest=False).indices             # (s,) sorted
     cand_x, cand_key = dist.all_gather_rows(x[idx]), dist.all_gather_rows(key[idx])
-    keep = torch.argsort(cand_key, stable=True)[:S]                            # (S,) key order
-    return cand_x[keep[torch.argsort(cand_key[keep] & _MASK31, stable=True)]]  # (S, D)
+    return cand_x[torch.argsort(cand_key, stable=True)[:S]]                    # (S, D)
 
 
 # ---- exact fp32 -------------------------------------------------------------------------------
@@ -411,8 +412,6 @@ def main(argv=None):
     p.add_argument('--n_iter', type=cli.nonneg_int, default=20, help='Lloyd iterations (DiGIT 20)')
     p.add_argument('--init', default='k-means++', choices=['k-means++', 'random'])
     p.add_argument('--max_points_per_centroid', type=cli.nonneg_int, default=256, help='0: all')
-    p.add_argument('--init_sample_per_centroid', type=cli.positive_int, default=64,
-                   help='k-means++ on K x this many points (16: 4x cheaper init)')
     p.add_argument('--tol', type=cli.nonneg_float, default=0.0, help='stop at this relative drop')
     p.add_argument('--spherical', action=argparse.BooleanOptionalAction, default=False)
     p.add_argument('--seed', type=cli.nonneg_int, default=0)
@@ -439,7 +438,6 @@ def main(argv=None):
 
     km = KMeans(args.k, n_iter=args.n_iter, init=args.init, tol=args.tol, seed=args.seed,
                 spherical=args.spherical, device=device, verbose=True,
-                init_sample_per_centroid=args.init_sample_per_centroid,
                 max_points_per_centroid=args.max_points_per_centroid or None).fit(chunks())
     if rank == 0:
         km.save(args.out)

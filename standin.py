@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 import cli
 import data
-from dinov2 import DINOv2, IMAGENET_MEAN, IMAGENET_STD
+from dinov2 import DINOv2
 
 
 @dataclass
@@ -37,14 +37,6 @@ class StandInConfig:
     proj_dim: int = 128        # width of the projection heads the loss sees
     temperature: float = 0.2   # InfoNCE tau
     min_scale: float = 0.5     # smallest crop side, as a fraction of the image side
-    normalize: bool = False    # feed the ViT ImageNet-normalised pixels, as the tokenizer does
-    patch_block: int = -1      # block whose (normed) patches the patch term sees (-1: last)
-    local_crops: int = 0       # extra small views (multi-crop, DINO)
-    local_size: int = 16       # their side in pixels
-    local_scale: float = 0.3   # their largest crop side (smallest: local_scale / 2)
-    last_patch: bool = False   # also the patch term on the last block when patch_block != -1
-    mask_ratio: float = 0.0    # share of view 2's patches replaced by the mask token (iBOT)
-    max_patches: int = 0       # patch term on at most this many matched patches (0: all)
 
 
 def random_views(img, min_scale, generator=None):
@@ -122,119 +114,32 @@ class ContrastiveViT(nn.Module):
         head = lambda: nn.Sequential(nn.Linear(cfg.embed_dim, cfg.embed_dim), nn.GELU(),
                                      nn.Linear(cfg.embed_dim, cfg.proj_dim))
         self.head_global, self.head_patch = head(), head()
-        for name, value in (('mean', IMAGENET_MEAN), ('std', IMAGENET_STD)):
-            self.register_buffer(name, torch.tensor(value).view(1, 3, 1, 1), persistent=False)
-
-    def encode(self, x, masks=None):
-        """views (N, 3, h, w) in [-1, 1] -> projected class token (N, P), unit norm, and the
-        projected patch features of each patch block {block: (N, L, P)} (not normalised)."""
-        cfg, vit = self.config, self.vit
-        if cfg.normalize:
-            x = ((x + 1) / 2 - self.mean) / self.std
-        t = vit.prepare_tokens(x, masks)
-        blocks = {cfg.patch_block % cfg.depth}
-        if cfg.last_patch:
-            blocks.add(cfg.depth - 1)
-        z = {}
-        for i, blk in enumerate(vit.blocks):
-            t = blk(t)
-            if i in blocks:
-                z[i] = self.head_patch(vit.norm(t)[:, 1:])
-        g = F.normalize(self.head_global(vit.norm(t)[:, 0]), dim=-1)
-        return g, z
 
     def forward(self, img, generator=None):
         """img (B, 3, H, W) in [-1, 1] -> loss, {'global', 'patch', 'acc_g', 'acc_p'}."""
         cfg, B = self.config, img.shape[0]
         n = img.shape[-1] // cfg.patch_size
         views, scale, shift = random_views(img, cfg.min_scale, generator)
-        masks = None
-        if cfg.mask_ratio:
-            masks = torch.rand(2 * B, n * n, generator=generator).to(img.device) < cfg.mask_ratio
-            masks[:B] = False
-        g, z = self.encode(views, masks)
-        gs, zs = [g[:B], g[B:]], [{k: v[:B] for k, v in z.items()}, {k: v[B:] for k, v in z.items()}]
-        scales, shifts, grids = [scale[0], scale[1]], [shift[0], shift[1]], [n, n]
-        if cfg.local_crops:
-            lv, lscale, lshift = local_views(img, cfg, generator)
-            lg, lz = self.encode(lv)
-            for k in range(cfg.local_crops):
-                sl = slice(k * B, (k + 1) * B)
-                gs.append(lg[sl]); zs.append({b: v[sl] for b, v in lz.items()})
-                scales.append(lscale[k]); shifts.append(lshift[k])
-                grids.append(cfg.local_size // cfg.patch_size)
-        pairs = [(0, 1)] + [(i, j) for j in range(2, len(gs)) for i in (0, 1)]
-        lg_, ag_, lp_, ap_ = [], [], [], []
-        for i, j in pairs:
-            l, a = info_nce(gs[i], gs[j], cfg.temperature)
-            lg_.append(l); ag_.append(a)
-            for b in zs[i]:
-                l, a = patch_nce(zs[i][b], zs[j][b], torch.stack([scales[i], scales[j]]),
-                                 torch.stack([shifts[i], shifts[j]]), grids[i], grids[j],
-                                 cfg.temperature, cfg.max_patches * self.training, generator)
-                lp_.append(l); ap_.append(a)
-        l_global, l_patch = sum(lg_) / len(lg_), sum(lp_) / len(lp_)
-        parts = dict(glob=l_global.detach(), patch=l_patch.detach(), acc_g=ag_[0], acc_p=ap_[0])
+        out = self.vit.forward_features(views)
+        g = F.normalize(self.head_global(out['x_norm_clstoken']), dim=-1)     # (2B, P)
+        z = self.head_patch(out['x_norm_patchtokens'])                        # (2B, L, P)
+        where, inside = matching_points(scale, shift, n)                      # (B, L, 2), (B, L)
+        z1_map = z[:B].transpose(1, 2).reshape(B, -1, n, n)                   # (B, P, n, n)
+        z1 = F.grid_sample(z1_map, where.unsqueeze(2), align_corners=False,
+                           padding_mode='border')                          # (B, P, L, 1)
+        z1 = F.normalize(z1.squeeze(-1).transpose(1, 2)[inside], dim=-1)      # (M, P)
+        z2 = F.normalize(z[B:][inside], dim=-1)                               # (M, P)
+        image = torch.arange(B, device=img.device).view(B, 1).expand(B, n * n)[inside]  # (M,)
+        same_image = (image[:, None] == image[None]) & ~torch.eye(len(image), dtype=torch.bool,
+                                                                   device=img.device)
+        l_global, acc_g = info_nce(g[:B], g[B:], cfg.temperature)
+        l_patch, acc_p = info_nce(z1, z2, cfg.temperature, same_image)
+        parts = dict(glob=l_global.detach(), patch=l_patch.detach(), acc_g=acc_g, acc_p=acc_p)
         return (l_global + l_patch) / 2, parts
-
-
-def patch_nce(z1, z2, scale, shift, n1, n2, temperature, max_patches=0, generator=None):
-    """InfoNCE between view 2's patches and view 1's feature map sampled at their centres."""
-    B = z1.shape[0]
-    where, inside = matching_points(scale, shift, n2)                       # (B, L2, 2)
-    if max_patches and inside.sum() > max_patches:  # (training only, see forward)
-        r = torch.rand(inside.shape, generator=generator).to(z1.device).masked_fill(~inside, 2)
-        inside = r <= r.flatten().kthvalue(max_patches).values
-    z1_map = z1.transpose(1, 2).reshape(B, -1, n1, n1)                      # (B, P, n1, n1)
-    z1 = F.grid_sample(z1_map, where.unsqueeze(2), align_corners=False,
-                       padding_mode='border')                               # (B, P, L2, 1)
-    z1 = F.normalize(z1.squeeze(-1).transpose(1, 2)[inside], dim=-1)         # (M, P)
-    z2 = F.normalize(z2[inside], dim=-1)                                    # (M, P)
-    image = torch.arange(B, device=z1.device).view(B, 1).expand(B, n2 * n2)[inside]
-    same_image = (image[:, None] == image[None]) & ~torch.eye(len(image), dtype=torch.bool,
-                                                               device=z1.device)
-    return info_nce(z1, z2, temperature, same_image)
-
-
-def local_views(img, cfg, generator=None):
-    """cfg.local_crops small views per image (multi-crop): side U(local_scale/2, local_scale),
-    resized to local_size px, flips and the same photometry as random_views."""
-    B, dev, k = img.shape[0], img.device, cfg.local_crops
-    rand = lambda *shape: torch.rand(*shape, generator=generator).to(dev)
-    s = cfg.local_scale * (0.5 + 0.5 * rand(k, B))                          # (k, B)
-    flip = torch.where(rand(k, B) < 0.5, -1.0, 1.0)
-    scale = torch.stack([s * flip, s], dim=-1)                              # (k, B, 2)
-    shift = (1 - s).unsqueeze(-1) * (2 * rand(k, B, 2) - 1)
-    theta = torch.cat([torch.diag_embed(scale.flatten(0, 1)), shift.flatten(0, 1).unsqueeze(-1)], -1)
-    size = [k * B, 3, cfg.local_size, cfg.local_size]
-    grid = F.affine_grid(theta, size, align_corners=False)
-    x = F.grid_sample(img.repeat(k, 1, 1, 1), grid, align_corners=False, padding_mode='reflection')
-    x = photometric(x, rand)
-    return x, scale, shift
-
-
-def photometric(x, rand):
-    N, dev = x.shape[0], x.device
-    jitter = lambda lo, hi: lo + (hi - lo) * rand(N, 1, 1, 1)
-    x = x + jitter(-0.3, 0.3)
-    mu = x.mean((1, 2, 3), keepdim=True)
-    x = mu + (x - mu) * jitter(0.6, 1.4)
-    gray = (x * torch.tensor([0.299, 0.587, 0.114], device=dev).view(1, 3, 1, 1)).sum(1, True)
-    sat = jitter(0.4, 1.6) * (rand(N, 1, 1, 1) >= 0.2)
-    return (gray + (x - gray) * sat).clamp(-1, 1)
 
 
 # ----------------------------------------------------------------------------------------------
 # The piece of train.py: --model ssl
-
-def parse_overrides(text):
-    out = {}
-    for kv in filter(None, text.split(',')):
-        k, v = kv.split('=')
-        t = type(getattr(StandInConfig, k))
-        out[k] = (v in ('1', 'True', 'true')) if t is bool else t(v)
-    return out
-
 
 class Training:
     """--model ssl: the stand-in on the images; held-out InfoNCE and retrieval of the other view;
@@ -251,7 +156,6 @@ class Training:
                                       'blocks, width 32*depth, heads depth/2)')
         g.add_argument('--patch_size', type=cli.positive_int,
                        help='ViT patch side (default: resolution / 8, an 8x8 token grid)')
-        g.add_argument('--standin', default='', help='EXPERIMENT: key=value,... config overrides')
 
     @staticmethod
     def finish_args(args):
@@ -263,8 +167,7 @@ class Training:
         self.train_set, self.val_set = train_set, val_set
         self.config = asdict(StandInConfig(
             img_size=args.resolution, patch_size=args.patch_size or max(1, args.resolution // 8),
-            embed_dim=32 * args.depth, depth=args.depth, num_heads=max(1, args.depth // 2),
-            **parse_overrides(args.standin)))
+            embed_dim=32 * args.depth, depth=args.depth, num_heads=max(1, args.depth // 2)))
 
     def build(self):
         return ContrastiveViT(**self.config)
@@ -285,8 +188,7 @@ class Training:
         model.eval()
         img = torch.stack([self.val_set[i][0] for i in range(min(n, len(self.val_set)))])
         img = img.to(self.run.device)                                             # (n, 3, H, W)
-        x = ((img + 1) / 2 - model.mean) / model.std if model.config.normalize else img
-        f = model.vit.forward_features(x)['x_norm_patchtokens'].float()            # (n, L, C)
+        f = model.vit.forward_features(img)['x_norm_patchtokens'].float()          # (n, L, C)
         g = int(math.sqrt(f.shape[1]))
         flat = f.flatten(0, 1) - f.flatten(0, 1).mean(0)                          # (n L, C)
         pcs = flat @ torch.linalg.svd(flat, full_matrices=False).Vh[:3].T         # (n L, 3)
