@@ -1,4 +1,4 @@
-"""
+r"""
 Images from a trained VAR, or from DiGIT's two stages (GPT -> DiGIT tokens -> stage 2 -> VQ
 tokens -> VQVAE decoder): class-conditional grids, N samples packed as `.npz` for FID, and, for
 VAR, zero-shot editing (VAR Appendix B: in-painting, out-painting, class-conditional editing).

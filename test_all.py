@@ -3150,6 +3150,16 @@ BAD_COMMAND_LINES = [
 ]
 
 
+def test_help_prints_the_docstring_as_written():
+    """`--help` prints a file's docstring: a backslash line continuation in a shell example must
+    stay in it (a raw docstring), not join the two lines with a run of spaces."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for path in sorted(f for f in os.listdir(here) if f.endswith('.py')):
+        src = open(os.path.join(here, path)).read()
+        doc = src.split('"""')[1]   # every file opens with its docstring
+        assert '\\\n' not in doc or src.startswith('r"""'), f'{path}: make its docstring raw'
+
+
 @pytest.mark.parametrize('module, argv, named, status', BAD_COMMAND_LINES,
                          ids=[f'{m}:{" ".join(a[:4])}' for m, a, _, _ in BAD_COMMAND_LINES])
 def test_cli_bad_flag_or_file_is_one_line_naming_it(cli_files, tmp_path, monkeypatch, capsys,

@@ -1,4 +1,4 @@
-"""
+r"""
 DiGIT's discriminative tokenizer (Zhu et al., NeurIPS 2024, Sec. 3): the patch features of a
 frozen self-supervised ViT, clustered with K-Means (kmeans.py); a patch's token is the index of
 its nearest centroid:

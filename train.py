@@ -1,4 +1,4 @@
-"""
+r"""
 The training loop every model of the repo shares, nanoGPT-sized: data, DDP, mixed precision,
 gradient accumulation, clipping, EMA, logs, validation, PNG grids, checkpoints and exact resume.
 It never names a model. `--model NAME` looks up the model's training piece in MODELS, and that
