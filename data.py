@@ -427,11 +427,12 @@ def to_uint8(images):
     return x.clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def save_image_grid(images, path, nrow=8, padding=2):
-    """Save (B, 3, H, W) in [-1, 1] as one PNG grid, nrow images per row, black padding."""
-    u8 = to_uint8(images)  # (B, H, W, 3)
-    b, h, w, _ = u8.shape
-    ncol = min(nrow, b)
+def save_image_grid(images, path, nrow=8, padding=2, min_side=64):
+    """Save (B, 3, H, W) in [-1, 1] as one PNG grid, nrow images per row, black padding; images
+    under min_side pixels are enlarged by a whole factor (nearest), so 32 px ones stay visible."""
+    zoom = -(-min_side // min(images.shape[-2:]))                     # ceil: 32 px -> 2
+    u8 = to_uint8(images).repeat(zoom, 1).repeat(zoom, 2)  # (B, H zoom, W zoom, 3)
+    (b, h, w, _), ncol = u8.shape, min(nrow, len(u8))
     nrows = math.ceil(b / ncol)
     grid = np.zeros((nrows * (h + padding) + padding, ncol * (w + padding) + padding, 3), np.uint8)
     for i in range(b):

@@ -296,12 +296,18 @@ def test_data_save_image_grid_round_trip(tmp_path):
     out_of_range = torch.tensor([-3.0, 0.0, 7.0]).view(1, 3, 1, 1)
     assert data.to_uint8(out_of_range).tolist() == [[[[0, 128, 255]]]]  # clamped, rounded
     path = tmp_path / 'sub' / 'grid.png'
-    data.save_image_grid(x, str(path), nrow=5, padding=2)
+    data.save_image_grid(x, str(path), nrow=5, padding=2, min_side=32)
     grid = np.asarray(Image.open(path))
     assert grid.shape == (2 * 34 + 2, 5 * 34 + 2, 3)
     assert np.array_equal(grid[36:68, 104:136], u8[8].numpy())  # row 1, column 3
     assert grid[:2].max() == 0 and grid[:, 34:36].max() == 0  # black padding
     assert os.listdir(path.parent) == ['grid.png']  # no temporary file left behind
+    data.save_image_grid(x, str(path), nrow=5, padding=2)  # default: 32 px shown as 64 px
+    grid = np.asarray(Image.open(path))
+    assert grid.shape == (2 * 66 + 2, 5 * 66 + 2, 3)
+    cell = grid[68:132, 200:264]                                    # row 1, column 3
+    assert np.array_equal(cell[::2, ::2], u8[8].numpy()) and np.array_equal(cell[1::2, 1::2],
+                                                                             u8[8].numpy())
 
 
 def real(paths):
@@ -2169,11 +2175,11 @@ def test_sample_npz_grid_and_zero_shot_edit(tmp_path):
     run('--classes', '1,2', '--per_class', '1', '--edit_image', str(tmp_path / 'in.png'),
         '--edit_mask', str(tmp_path / 'keep_all.png'), '--out', str(tmp_path / 'edit.png'))
     grid = np.asarray(Image.open(tmp_path / 'edit.png'))
-    assert grid.shape == (20, 38, 3)                              # 1 row x 2 columns, padding 2
+    assert grid.shape == (68, 134, 3)             # 1 row x 2 columns of 16 px shown 4x, padding 2
     x = sample.load_image(str(tmp_path / 'in.png'), 16)[None] * 2 - 1
     expected = data.to_uint8(vae.idx_to_img(vae.img_to_idx(x)))[0]
-    assert np.abs(grid[2:18, 2:18].astype(int) - expected).max() <= 1
-    assert np.abs(grid[2:18, 20:36].astype(int) - expected).max() <= 1
+    assert np.abs(grid[2:66:4, 2:66:4].astype(int) - expected).max() <= 1
+    assert np.abs(grid[2:66:4, 68:132:4].astype(int) - expected).max() <= 1
 
 
 TINY_VQGAN = dict(vocab_size=FS_VQ, z_channels=8, ch=32, ch_mult=(1, 1, 1, 1, 1),
@@ -2347,7 +2353,7 @@ def test_train_digit_chain_gpt_stage2_and_sample(tmp_path, fid_net, monkeypatch)
     chain = ['--ckpt', str(tmp_path / 'gb' / 'ckpt.pt'), '--stage2', str(tmp_path / 's2' /
              'ckpt.pt'), '--device', 'cpu', '--per_class', '1']
     sample.main(sample.get_args(chain + ['--out', str(tmp_path / 'grid.png')]))
-    assert Image.open(tmp_path / 'grid.png').size == (2 + 10 * 18, 2 + 18)  # 10 classes, 16 px
+    assert Image.open(tmp_path / 'grid.png').size == (2 + 10 * 66, 2 + 66)  # 10 classes, 16 px x 4
     sample.main(sample.get_args(chain + ['--num_samples', '3', '--npz', str(tmp_path / 'd.npz')]))
     npz = np.load(tmp_path / 'd.npz')
     assert npz['arr_0'].shape == (3, 16, 16, 3) and list(npz['labels']) == [0, 1, 2]
