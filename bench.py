@@ -4,7 +4,8 @@ Nothing here is a test: numbers depend on the machine.
 
     python bench.py                 # tiny VAR on CPU (and VAR-d16 when a GPU is there)
     python bench.py --depth 16      # a chosen depth
-    python bench.py --kmeans        # K-Means: ours vs faiss-cpu and scikit-learn (if installed)
+    python bench.py --kmeans        # K-Means: our default vs scikit-learn's, then ours vs
+                                    # faiss-cpu and scikit-learn from one init (if installed)
     python bench.py --fid           # FID Inception features/s (random weights: same speed)
 
 VAR training: images/s of one optimizer step (teacher forcing, backward, AdamW) from the token
@@ -145,6 +146,52 @@ def other_engines(x, c0, n_iter, threads):
     return engines
 
 
+def bench_kmeans_defaults(threads=2, rounds=3, seeds=(0, 1, 2)):
+    """Default fit vs default fit: ours (greedy k-means++ with 2 (2 + ln K) trials on 64 K points,
+    <= 20 Lloyd passes) vs scikit-learn's KMeans(K, random_state=seed) (greedy k-means++ with
+    2 + ln K trials on all points, Lloyd until the centre shift is below 1e-4 of the mean
+    variance, <= 300 iterations) on make_gmm(60000, 96, 512 components), K = 256, `threads`
+    threads. Per seed the two run interleaved `rounds` times; time = the fastest round;
+    inertia = sum_x min_k ||x - c_k||^2 over all N, computed here."""
+    torch.set_num_threads(threads)
+    x, k = make_gmm(60_000, 96, n_comp=512), 256                                  # (N, D)
+    try:
+        from sklearn.cluster import KMeans as SKKMeans
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        SKKMeans = None
+        print('scikit-learn not installed: the comparison with its default is skipped')
+    km = kmeans.KMeans(k)
+
+    def run(fit):
+        t = time.perf_counter()
+        km.centroids = torch.as_tensor(fit(), dtype=torch.float32)                # (K, D)
+        return time.perf_counter() - t, km.assign(x)[1].double().sum().item()
+
+    def sklearn_fit(seed):
+        with threadpool_limits(threads):
+            return SKKMeans(k, random_state=seed).fit(x.numpy()).cluster_centers_
+    print(f'K-Means defaults, N=60000 D=96 (512-component mixture) K={k}, {threads} threads, '
+          f'best of {rounds} interleaved rounds')
+    print(f'{"seed":>4s} {"ours inertia":>13s} {"time":>7s} {"sklearn inertia":>16s} '
+          f'{"time":>7s}  ours/sklearn: inertia  time')
+    ratios = []
+    for seed in seeds:
+        best = {}
+        for _ in range(rounds):
+            engines = {'ours': lambda: kmeans.KMeans(k, seed=seed).fit(x).centroids}
+            if SKKMeans is not None:
+                engines['sklearn'] = lambda: sklearn_fit(seed)
+            for name, fit in engines.items():
+                best[name] = min(best.get(name, (float('inf'),)), run(fit))
+        (t, inr), (t_sk, inr_sk) = best['ours'], best.get('sklearn', (float('nan'),) * 2)
+        ratios.append((inr / inr_sk, t / t_sk))
+        print(f'{seed:4d} {inr:13.6g} {t:6.2f}s {inr_sk:16.6g} {t_sk:6.2f}s  '
+              f'{ratios[-1][0]:20.4f} {ratios[-1][1]:5.2f}x')
+    print(f'mean ratio ours/sklearn: inertia {sum(r[0] for r in ratios) / len(ratios):.4f}, '
+          f'time {sum(r[1] for r in ratios) / len(ratios):.2f}x')
+
+
 def bench_kmeans(n, d, k, n_iter, threads=2, rounds=3):
     """K-Means on make_gmm data, every engine from the same initial centroids, `threads` CPU
     threads. The engines run interleaved `rounds` times (the machine may be shared) and each
@@ -153,7 +200,9 @@ def bench_kmeans(n, d, k, n_iter, threads=2, rounds=3):
     fp32 GEMM peak, measured on the assignment's own GEMM (a block of rows times c.T into a
     reused buffer), best of 20 calls, before and after the engines. Also timed alone: our E-step
     (one assignment pass over all N) and a bare torch.mm of the same work in the same blocks.
-    Final inertia: computed here, exactly, for every engine's returned centroids."""
+    Final inertia: computed here, exactly, for every engine's returned centroids. First, the
+    defaults against scikit-learn's (bench_kmeans_defaults)."""
+    bench_kmeans_defaults(threads, rounds)
     torch.set_num_threads(threads)
     x = make_gmm(n, d)                                                             # (N, D)
     c0 = x[torch.randperm(n, generator=torch.Generator().manual_seed(0))[:k]]     # (K, D)

@@ -8,6 +8,7 @@ an error message, and is named after it.
 import argparse
 import errno
 import hashlib
+import math
 import os
 import pickle
 import socket
@@ -854,6 +855,87 @@ def test_kmeans_fit_from_given_centroids():
     assert km.inertia_history[-1] <= km.inertia_history[0]
     with pytest.raises(ValueError, match='init_centroids has 4 rows, not 5'):
         kmeans.KMeans(5).fit(x, init_centroids=c0[:4])
+
+
+# --- kmeans.py: the default init (greedy k-means++, 2 (2 + ln K) trials, on 64 K points) ---
+
+def mixture(n=300, k=6, d=8, seed=0):
+    """A small imbalanced Gaussian mixture: k centres ~ N(0, 5^2), weights 1..k, unit noise."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(k, d, generator=g) * 5                              # (k, D)
+    comp = torch.multinomial(torch.arange(1.0, k + 1), n, replacement=True, generator=g)
+    return centres[comp] + torch.randn(n, d, generator=g)                     # (n, D)
+
+
+def greedy_kmeans_pp(x, k, seed, n_trials=None):
+    """k-means++ by hand (sklearn's greedy variant), float64, one candidate at a time: c_1 a
+    uniform row; then L = 2 (2 + int(ln k)) candidates (the default; sklearn: 2 + int(ln k))
+    drawn with P(x) = D(x)^2 / sum D^2 (inverse CDF: the first row whose cumulative D^2 reaches
+    u * sum D^2), keeping the one that leaves the smallest potential sum_x min(D(x)^2,
+    ||x - cand||^2). Same generator calls as kmeans.py."""
+    gen, x64 = torch.Generator().manual_seed(seed), x.double()
+    chosen = [int(torch.randint(len(x), (1,), generator=gen))]
+    d2 = ((x64 - x64[chosen[0]]) ** 2).sum(1)                                 # D(x)^2 (N,)
+    for _ in range(1, k):
+        L = n_trials or 2 * (2 + int(math.log(k)))
+        u = torch.rand(L, generator=gen, dtype=torch.float64)
+        cdf, best = d2.cumsum(0), None
+        for ui in u:
+            cand = min(int((cdf < ui * cdf[-1]).sum()), len(x) - 1)
+            pot = torch.minimum(d2, ((x64 - x64[cand]) ** 2).sum(1))
+            if best is None or pot.sum() < best[1].sum():
+                best = (cand, pot)
+        chosen.append(best[0])
+        d2 = best[1]
+    return x[chosen]                                                          # (k, D)
+
+
+def test_kmeans_default_init_is_greedy_kmeans_pp_by_hand():
+    x = mixture()                       # 300 points < 64 K: k-means++ runs on all, in data order
+    for k, seed in ((6, 0), (10, 3)):
+        km = kmeans.KMeans(k, n_iter=0, seed=seed).fit(x)   # n_iter 0: the init itself
+        ref = greedy_kmeans_pp(x, k, seed)
+        assert torch.equal(km.centroids, ref), (k, seed)
+        inertia = torch.cdist(x.double(), ref.double()).pow(2).min(1).values.sum()
+        assert math.isclose(km.inertia_, inertia.item(), rel_tol=1e-5)
+        assert km.inertia_history == [km.inertia_]
+
+
+def test_kmeans_init_sample_is_seeded_subset_in_data_order():
+    # with K * init_sample_per_centroid < N, k-means++ runs on the S rows of smallest hash key
+    # (a seeded uniform subset, the same for tensors, chunks and ranks), kept in data order
+    x, k, seed = mixture(), 6, 2
+    keys = kmeans._row_keys(torch.arange(len(x)), seed)                       # (N,)
+    subset = keys.argsort()[:k * 20].sort().values                            # (S,) data order
+    km = kmeans.KMeans(k, n_iter=0, seed=seed, init_sample_per_centroid=20).fit(x)
+    assert torch.equal(km.centroids, greedy_kmeans_pp(x[subset], k, seed))
+    chunked = kmeans.KMeans(k, n_iter=0, seed=seed, init_sample_per_centroid=20)
+    assert torch.equal(chunked.fit(iter(x.split(37))).centroids, km.centroids)
+
+
+def test_kmeans_default_inertia_never_rises():
+    x = mixture(n=1200, k=12, d=16, seed=1)
+    km = kmeans.KMeans(24).fit(x)                               # all defaults (tol 1e-4)
+    h = km.inertia_history
+    assert len(h) >= 3 and h[-1] < h[0] and km.inertia_ == h[-1]
+    for i in range(1, len(h)):
+        if km.n_empty_history[i - 1] == 0:                      # a split may raise it
+            assert h[i] <= h[i - 1] * (1 + 1e-9), (i, h)
+    # the first entry is the inertia of the hand-computed k-means++ start
+    start = greedy_kmeans_pp(x, 24, 0)
+    assert math.isclose(h[0], torch.cdist(x.double(), start.double()).pow(2).min(1).values
+                        .sum().item(), rel_tol=1e-5)
+
+
+def test_kmeans_default_init_settings():
+    km = kmeans.KMeans(256)
+    assert km.init_sample_per_centroid == 64 and km.n_local_trials == 2 * (2 + 5)  # ln 256 = 5.5
+    assert kmeans.KMeans(8192).n_local_trials == 22                               # ln 8192 = 9.01
+    assert kmeans.KMeans(256, n_local_trials=3).n_local_trials == 3
+    # n_local_trials=1 is plain k-means++ (Arthur & Vassilvitskii): one D^2 draw a step
+    x = mixture()
+    c = kmeans.KMeans(6, n_iter=0, seed=4, n_local_trials=1).fit(x).centroids
+    assert torch.equal(c, greedy_kmeans_pp(x, 6, 4, n_trials=1))
 
 
 # --- dinov2.py -------------------------------------------------------------------------------
