@@ -115,6 +115,26 @@ def make_gmm(n, d, n_comp=2000, seed=0):
     return x
 
 
+def exact_inertia(x, c):
+    """sum_x min_k ||x - c_k||^2 over every row of x (N, D), in float64, for centroids c (K, D)
+    of any engine (numpy or torch, flat or not): the same fp32 assignment for all of them."""
+    c = torch.as_tensor(c, dtype=torch.float32).reshape(-1, x.shape[1])             # (K, D)
+    km = kmeans.KMeans(len(c))
+    km.centroids = c
+    return km.assign(x)[1].double().sum().item()
+
+
+def sklearn_kmeans():
+    """scikit-learn's KMeans and threadpoolctl's threadpool_limits, or (None, None) and a line."""
+    try:
+        from sklearn.cluster import KMeans
+        from threadpoolctl import threadpool_limits
+        return KMeans, threadpool_limits
+    except ImportError:
+        print('scikit-learn not installed: pip install scikit-learn threadpoolctl')
+        return None, None
+
+
 def other_engines(x, c0, n_iter, threads):
     """faiss-cpu's and scikit-learn's K-Means where installed: {name: fit() -> centroids}, all
     from the centroids c0 but faiss's default (random init), which is timed once, not in rounds."""
@@ -132,41 +152,31 @@ def other_engines(x, c0, n_iter, threads):
         engines['faiss-cpu random init (default)'] = faiss_fit
     except ImportError:
         print('faiss-cpu not installed: pip install faiss-cpu')
-    try:
-        from sklearn.cluster import KMeans as SKKMeans
-        from threadpoolctl import threadpool_limits
-
+    SKKMeans, threadpool_limits = sklearn_kmeans()
+    if SKKMeans is not None:
         def sklearn_fit():
             sk = SKKMeans(k, init=c0.numpy(), n_init=1, max_iter=n_iter, tol=0, algorithm='lloyd')
             with threadpool_limits(threads):
                 return sk.fit(x.numpy()).cluster_centers_
         engines['sklearn lloyd (same init)'] = sklearn_fit
-    except ImportError:
-        print('scikit-learn not installed: pip install scikit-learn')
     return engines
 
 
 def bench_kmeans_defaults(threads=2, rounds=3, seeds=(0, 1, 2)):
-    """Default fit vs default fit: ours (greedy k-means++ with 2 (2 + ln K) trials on 64 K points,
-    <= 20 Lloyd passes) vs scikit-learn's KMeans(K, random_state=seed) (greedy k-means++ with
-    2 + ln K trials on all points, Lloyd until the centre shift is below 1e-4 of the mean
-    variance, <= 300 iterations) on make_gmm(60000, 96, 512 components), K = 256, `threads`
+    """Default fit vs default fit: ours (greedy k-means++, 2 (2 + ln K) trials, 64 points per
+    centroid, <= 20 Lloyd passes) vs scikit-learn's KMeans(K, random_state=seed) (greedy
+    k-means++, 2 + ln K trials on all points, Lloyd until the centre shift is below 1e-4 of the
+    mean variance, <= 300 iterations) on make_gmm(60000, 96, 512 components), K = 256, `threads`
     threads. Per seed the two run interleaved `rounds` times; time = the fastest round;
-    inertia = sum_x min_k ||x - c_k||^2 over all N, computed here."""
+    inertia = sum_x min_k ||x - c_k||^2 over all N (exact_inertia)."""
     torch.set_num_threads(threads)
     x, k = make_gmm(60_000, 96, n_comp=512), 256                                  # (N, D)
-    try:
-        from sklearn.cluster import KMeans as SKKMeans
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        SKKMeans = None
-        print('scikit-learn not installed: the comparison with its default is skipped')
-    km = kmeans.KMeans(k)
+    SKKMeans, threadpool_limits = sklearn_kmeans()
 
     def run(fit):
         t = time.perf_counter()
-        km.centroids = torch.as_tensor(fit(), dtype=torch.float32)                # (K, D)
-        return time.perf_counter() - t, km.assign(x)[1].double().sum().item()
+        c = fit()                                                                  # (K, D)
+        return time.perf_counter() - t, exact_inertia(x, c)
 
     def sklearn_fit(seed):
         with threadpool_limits(threads):
@@ -213,14 +223,10 @@ def bench_kmeans(n, d, k, n_iter, threads=2, rounds=3):
     def gemm_flops():
         return 2 * rows * d * k / timeit(lambda: torch.mm(xb, c0.T, out=out), 3, 20)
 
-    def inertia(c):
-        km.centroids = torch.as_tensor(c, dtype=torch.float32).reshape(k, d)
-        return km.assign(x)[1].double().sum().item()
-
     def run(fn):
         t = time.perf_counter()
         c = fn()
-        return (time.perf_counter() - t) / n_iter, inertia(c)
+        return (time.perf_counter() - t) / n_iter, exact_inertia(x, c)
     peak = gemm_flops()
     engines = {'ours (same init)': lambda: km.fit(x, init_centroids=c0).centroids}
     engines.update(other_engines(x, c0, n_iter, threads))
@@ -243,7 +249,7 @@ def bench_kmeans(n, d, k, n_iter, threads=2, rounds=3):
 
     print(f'K-Means N={n} D={d} K={k}, {n_iter} iterations, {threads} threads, best of {rounds} '
           f'rounds; fp32 GEMM peak ({rows}x{d})x({d}x{k}) {peak / 1e9:.1f} GFLOP/s; '
-          f'initial inertia {inertia(c0):.5g}')
+          f'initial inertia {exact_inertia(x, c0):.5g}')
     t0, i0 = results['ours (same init)']
     print(f'{"implementation":32s} {"s/iter":>7s} {"% peak":>7s} {"final inertia":>14s}  '
           f'ratio vs ours (time, inertia)')
