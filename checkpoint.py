@@ -19,7 +19,6 @@ import errno
 import os
 import pickle
 import socket
-import zipfile
 
 import torch
 
@@ -58,9 +57,6 @@ def load(path, what='checkpoint', foreign=False):
     try:
         with torch.serialization.safe_globals(FOREIGN if foreign else []):
             obj = torch.load(path, map_location='cpu', weights_only=True)
-        if foreign and is_fairseq(obj):
-            obj.update({k: plain(obj[k]) for k in ('cfg', 'args') if k in obj})
-        return obj
     except pickle.UnpicklingError as e:
         found = [ln.strip() for ln in str(e).splitlines() if 'GLOBAL' in ln]
         if found:   # a class or function outside weights_only's allow-list: never run
@@ -68,9 +64,12 @@ def load(path, what='checkpoint', foreign=False):
                              f'containers, refused for safety ({found[0][:150]})') from None
         raise SystemExit(f'{what} {path} is not a torch file (not a zip archive nor a '
                          'pickle of tensors)') from None
-    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as e:
+    except Exception as e:  # weights_only runs no code: any other failure is a corrupt file
         raise SystemExit(f'{what} {path} is not a readable torch file (truncated or corrupt?): '
                          f'{_first_line(e)}') from None
+    if foreign and is_fairseq(obj):
+        obj.update({k: plain(obj[k]) for k in ('cfg', 'args') if k in obj})
+    return obj
 
 
 def _first_line(e):

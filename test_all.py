@@ -2577,7 +2577,7 @@ def test_bad_checkpoint_files_are_one_line_naming_the_file(tmp_path, content, mo
         elif content == 'evil':
             torch.save({'model': Evil()}, path)
         else:
-            blob = {'empty': b'', 'random': os.urandom(3000),
+            blob = {'empty': b'', 'random': np.random.default_rng(0).bytes(3000),
                      'truncated': good.read_bytes()[:2000]}[content]
             path.write_bytes(blob)
         with pytest.raises(SystemExit) as e:
@@ -2585,6 +2585,17 @@ def test_bad_checkpoint_files_are_one_line_naming_the_file(tmp_path, content, mo
         assert str(path) in str(e.value) and '\n' not in str(e.value)
         assert not (tmp_path / 'pwned').exists()
         (path.rmdir() if path.is_dir() else path.unlink())
+
+
+def test_checkpoint_load_of_random_bytes_is_one_line(tmp_path):
+    """Random bytes, bare or behind a pickle header, make torch's weights_only unpickler raise
+    UnpicklingError, IndexError, KeyError, UnicodeDecodeError or EOFError: each is one line."""
+    rng, path = np.random.default_rng(0), tmp_path / 'bad.pt'
+    for i in range(400):
+        path.write_bytes(b'\x80\x02' * (i % 2) + rng.bytes(int(rng.choice([10, 100, 3000]))))
+        with pytest.raises(SystemExit) as e:
+            checkpoint.load(str(path), 'checkpoint')
+        assert str(path) in str(e.value) and '\n' not in str(e.value)
 
 
 def test_resume_refuses_other_data_or_another_tokenizer(tmp_path):
