@@ -2,27 +2,37 @@
 Performance figures, each printed next to a baseline measured in the same process, as a ratio.
 Nothing here is a test: numbers depend on the machine.
 
-    python bench.py                 # tiny VAR on CPU (and VAR-d16 when a GPU is there)
-    python bench.py --depth 16      # a chosen depth
+    python bench.py                 # tiny VAR (32 px) on this machine's CPU or GPU
+    python bench.py --gpu --official official/VAR   # VAR-d16: levers, the official code
     python bench.py --kmeans        # K-Means: our default vs scikit-learn's, then ours vs
                                     # faiss-cpu and scikit-learn from one init (if installed)
     python bench.py --fid           # FID Inception features/s (random weights: same speed)
 
 VAR training: images/s of one optimizer step (teacher forcing, backward, AdamW) from the token
-cache of train.py vs the official trainer's way, which runs the frozen VQVAE on every batch;
-on a GPU also bf16 vs fp32, the model FLOP utilisation (6 * parameters * tokens per second /
-bf16 dense peak) and peak memory.
+cache of train.py vs the official trainer's way, which runs the frozen VQVAE on every batch.
 VAR sampling: images/s of `generate` with the kv cache vs recomputing the whole prefix at every
 scale (what a model without a cache does), same tokens.
+--gpu (at most 5 minutes on one H100): VAR-d16 at 256 px, batch 32, each training lever on and
+off (bf16, fused AdamW, torch.compile, FlexAttention's block mask) with img/s, the model FLOP
+utilisation (6 N L FLOP per image, N parameters, L tokens, over the bf16 dense peak) and peak
+memory; sampling at cfg 1.5, top-k 900, top-p 0.96 in fp32 and bf16. --official PATH (an
+extracted FoundationVision/VAR checkout, never committed) adds the official model, loaded with
+the same weights, in the same run: its trainer's step (eager, fused AdamW) and its sampler
+under bf16 and fp16 autocast (its demo's); ratios are then against it.
 FID features: images/s of fid.py's whole path (uint8 256 px -> ADM preprocessing -> pool and
 spatial features, fp32, TF32 off) vs the network alone on ready inputs; on a GPU also vs the
 same network with TF32 convolutions (what a default pytorch-fid run gets on Ampere and later).
 """
 import argparse
+import importlib
+import os
+import sys
 import time
+import types
 from contextlib import nullcontext
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import inception
@@ -60,10 +70,14 @@ def build(depth, device, tiny):
     return vae, model
 
 
-def bench_training(model, vae, batch, device, dtype, tokenize_every_step=False):
+def bench_training(model, vae, batch, device, dtype, tokenize_every_step=False, fused=None,
+                   compiled=False):
     """Seconds per optimizer step at the given autocast dtype (None: fp32), from cached tokens
-    or, as the official trainer does, tokenizing the images with the frozen VQVAE every step."""
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    or, as the official trainer does, tokenizing the images with the frozen VQVAE every step.
+    fused: AdamW's fused kernel (None: torch's default, foreach); compiled: torch.compile of
+    the model, whose first calls compile (untimed). Works for the official VAR too (same call)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
+    forward = torch.compile(model) if compiled else model
     res = model.patch_nums[-1] * vae.downsample
     images = torch.rand(batch, 3, res, res, device=device) * 2 - 1
     labels = torch.randint(0, model.num_classes, (batch,), device=device)
@@ -74,12 +88,12 @@ def bench_training(model, vae, batch, device, dtype, tokenize_every_step=False):
         tokens = torch.cat(vae.img_to_idx(images), 1) if tokenize_every_step else cached
         x = vae.idx_to_var_input(tokens.split([pn * pn for pn in model.patch_nums], 1))
         with ctx:
-            logits = model(labels, x)
+            logits = forward(labels, x)
         F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     model.train()
-    return timeit(step, device=device)
+    return timeit(step, warmup=3 if compiled else 1, device=device)
 
 
 @torch.no_grad()
@@ -96,6 +110,105 @@ def generate_without_cache(model, labels, cfg):
         t = cfg * k / (K - 1)
         idx.append(((1 + t) * cond - t * uncond).argmax(-1))                     # (B, pn^2)
     return vae.idx_to_img(idx)
+
+
+OFFICIAL_NO_INIT = (nn.Linear, nn.LayerNorm, nn.BatchNorm2d, nn.SyncBatchNorm, nn.Conv1d,
+                    nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d)   # build_vae_var's list
+
+
+def load_official(path, vae, model, device):
+    """The official VQVAE and VAR (models/ of a FoundationVision/VAR checkout at `path`, never
+    committed) holding the weights of ours: the same function, so any difference is speed.
+    Its code has three side effects, each undone here: it imports its own top-level `dist` (a
+    name ours has too), it needs huggingface_hub (only for VARHF; a stub when absent), and
+    build_vae_var switches nn init off for the whole process."""
+    if not os.path.isfile(os.path.join(path, 'models', 'var.py')):
+        raise SystemExit(f'--official {path}: not a FoundationVision/VAR checkout '
+                         '(no models/var.py)')
+    theirs = ('dist', 'models', 'huggingface_hub')   # top-level names it brings or shadows
+    saved = {n: m for n, m in sys.modules.items() if n.split('.')[0] in theirs}
+    for name in saved:
+        del sys.modules[name]
+    if importlib.util.find_spec('huggingface_hub') is None:
+        stub = sys.modules['huggingface_hub'] = types.ModuleType('huggingface_hub')
+        stub.PyTorchModelHubMixin = object
+    inits = {c: c.__dict__.get('reset_parameters') for c in OFFICIAL_NO_INIT}
+    sys.path.insert(0, path)
+    try:
+        vae_ref, ref = importlib.import_module('models').build_vae_var(
+            device, patch_nums=tuple(model.patch_nums), V=vae.config.vocab_size,
+            Cvae=vae.config.z_channels, ch=vae.config.ch, num_classes=model.num_classes,
+            depth=model.config.depth, shared_aln=model.config.shared_aln,
+            attn_l2_norm=model.config.attn_l2_norm)
+    finally:
+        sys.path.remove(path)
+        for name in [n for n in sys.modules if n.split('.')[0] in theirs]:
+            del sys.modules[name]
+        sys.modules.update(saved)
+        for c, init in inits.items():
+            if init is not None:
+                c.reset_parameters = init
+            elif 'reset_parameters' in c.__dict__:   # inherited before: inherit again
+                del c.reset_parameters
+    vae_ref.load_state_dict(vae.state_dict())
+    ref.load_state_dict(model.state_dict())
+    return ref   # its VQVAE: ref.vae_proxy[0]
+
+
+def bench_gpu(args):
+    """python bench.py --gpu (see the top of the file): VAR-d16 at 256 px, random weights, on
+    one CUDA GPU; ratios are against the official model when it is there, else the first row."""
+    if not torch.cuda.is_available():
+        raise SystemExit('--gpu needs a CUDA device (torch.cuda.is_available() is False)')
+    vae, model = build(16, 'cuda', tiny=False)
+    ref = load_official(args.official, vae, model, 'cuda') if args.official else None
+    B, n_params = args.batch or 32, sum(p.numel() for p in model.parameters())
+    flop = 6 * n_params * model.L
+    peak = next((v for k, v in PEAK_BF16.items() if k in torch.cuda.get_device_name()), 0)
+    print(f'{torch.cuda.get_device_name()}, torch {torch.__version__}; VAR-d{model.config.depth} '
+          f'({n_params / 1e6:.1f}M parameters N, L = {model.L} tokens), batch {B}; MFU = '
+          f'6 N L ({flop / 1e12:.3f} TFLOP per image) x img/s / {peak / 1e12:.0f} TFLOP/s')
+    train = [('ours eager, fp32 (TF32 off), AdamW foreach', model, dict(dtype=None)),
+             ('ours eager, AdamW foreach', model, {}),
+             ('ours eager, AdamW fused', model, dict(fused=True)),
+             ('ours compiled, AdamW fused', model, dict(fused=True, compiled=True)),
+             ('ours compiled, FlexAttention, AdamW fused', model,
+              dict(fused=True, compiled=True, flex=True))]
+    if ref is not None:
+        train.append(('official eager, AdamW fused (its trainer)', ref, dict(fused=True)))
+    model.block_mask(model.L, torch.device('cuda', torch.cuda.current_device()))  # outside compile
+    rows = []
+    for name, m, kw in train:
+        model.attn_impl = 'flex' if kw.pop('flex', False) else 'sdpa'
+        torch.cuda.reset_peak_memory_stats()
+        t = bench_training(m, vae, B, 'cuda', kw.pop('dtype', torch.bfloat16), **kw)
+        rows.append((name, B / t, f'MFU {flop * B / t / peak * 100:5.1f}%' if peak else '',
+                     f'peak mem {torch.cuda.max_memory_allocated() / 2**30:6.2f} GiB'))
+    model.attn_impl = 'sdpa'
+    print_rows('train (cached tokens; bf16 autocast and SDPA unless said)', rows)
+    labels = torch.arange(args.gen_batch, device='cuda') % model.num_classes
+    kw = dict(cfg=1.5, top_k=900, top_p=0.96)
+    sample = [('ours fp32', None, lambda: model.generate(labels, **kw)),
+              ('ours bf16 autocast', torch.bfloat16, lambda: model.generate(labels, **kw))]
+    official = lambda: ref.autoregressive_infer_cfg(len(labels), labels, **kw)
+    model.eval()
+    if ref is not None:
+        ref.eval()
+        sample += [('official bf16 autocast', torch.bfloat16, official),
+                   ('official fp16 autocast (its demo)', torch.float16, official)]
+    rows = []
+    for name, dtype, fn in sample:
+        with torch.autocast('cuda', dtype=dtype, enabled=dtype is not None), torch.no_grad():
+            rows.append((name, len(labels) / timeit(fn, device='cuda')))
+    print_rows(f'sample (batch {len(labels)}, cfg 1.5, top-k 900, top-p 0.96, + decode)', rows)
+
+
+def print_rows(title, rows):
+    """One line per row: name, img/s, ratio to the official row (else the first), extras."""
+    base = next((r[1] for r in rows if r[0].startswith('official')), rows[0][1])
+    print(title)
+    for name, rate, *extras in rows:
+        print(f'  {name:45s} {rate:8.1f} img/s  {rate / base:5.2f}x  ' + '  '.join(extras))
 
 
 def make_gmm(n, d, n_comp=2000, seed=0):
@@ -289,6 +402,8 @@ def bench_fid(device, batch):
 
 
 def main(args):
+    if args.gpu:
+        return bench_gpu(args)
     if args.fid:
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
         return bench_fid(device, args.batch or (200 if device == 'cuda' else 16))
@@ -296,49 +411,35 @@ def main(args):
         return bench_kmeans(args.kmeans_n, args.kmeans_d, args.kmeans_k, args.kmeans_iter,
                             rounds=args.kmeans_rounds)
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    configs = [(args.depth or 4, True)]
-    if device == 'cuda' and not args.depth:
-        configs.append((16, False))
     print(f'device {device}' + (f' ({torch.cuda.get_device_name()})' if device == 'cuda' else '')
           + f', torch {torch.__version__}, {torch.get_num_threads()} CPU threads')
-    for depth, tiny in configs:
-        vae, model = build(depth, device, tiny)
-        n_params = sum(p.numel() for p in model.parameters())
-        name = f"VAR-d{depth} ({n_params / 1e6:.1f}M, {'tiny 32 px' if tiny else '256 px'})"
-        batch = args.batch or (32 if tiny else 16)
-        fast = torch.bfloat16 if device == 'cuda' else None
-        if device == 'cuda':   # the peak of this run alone, not of the runs before it
-            torch.cuda.reset_peak_memory_stats()
-        t_ours = bench_training(model, vae, batch, device, fast)
-        mem_ours = torch.cuda.max_memory_allocated() / 2**30 if device == 'cuda' else 0
-        t_official = bench_training(model, vae, batch, device, fast, tokenize_every_step=True)
-        line = (f'{name} train: {batch / t_ours:8.1f} img/s from cached tokens  vs tokenizing '
-                f'every batch (official) {batch / t_official:8.1f} img/s  ratio '
-                f'{t_official / t_ours:.2f}x')
-        if device == 'cuda':
-            torch.cuda.reset_peak_memory_stats()
-            t_fp32 = bench_training(model, vae, batch, device, None)
-            mem_fp32 = torch.cuda.max_memory_allocated() / 2**30
-            line += f'  bf16 vs fp32 (tf32 off) {t_fp32 / t_ours:.2f}x'
-            peak = next((v for k, v in PEAK_BF16.items() if k in torch.cuda.get_device_name()), 0)
-            flops = 6 * n_params * batch * model.L / t_ours
-            line += f'  MFU {flops / peak * 100:.1f}%' if peak else ''
-            line += f'  peak mem bf16 {mem_ours:.2f} GiB, fp32 {mem_fp32:.2f} GiB'
-        print(line)
-        model.eval()
-        labels = torch.arange(args.gen_batch, device=device) % model.num_classes
-        t_cache = timeit(lambda: model.generate(labels, cfg=1.5, top_k=1), device=device)
-        t_full = timeit(lambda: generate_without_cache(model, labels, 1.5), device=device)
-        print(f'{name} sample: {len(labels) / t_cache:8.1f} img/s with kv cache  vs recompute '
-              f'{len(labels) / t_full:8.1f} img/s  ratio {t_full / t_cache:.2f}x')
-
+    depth, batch = args.depth or 4, args.batch or 32
+    vae, model = build(depth, device, tiny=True)
+    name = f'VAR-d{depth} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M, tiny 32 px)'
+    fast = torch.bfloat16 if device == 'cuda' else None
+    t_ours = bench_training(model, vae, batch, device, fast)
+    t_official = bench_training(model, vae, batch, device, fast, tokenize_every_step=True)
+    print(f'{name} train: {batch / t_ours:8.1f} img/s from cached tokens  vs tokenizing every '
+          f'batch (official) {batch / t_official:8.1f} img/s  ratio {t_official / t_ours:.2f}x')
+    model.eval()
+    labels = torch.arange(args.gen_batch, device=device) % model.num_classes
+    t_cache = timeit(lambda: model.generate(labels, cfg=1.5, top_k=1), device=device)
+    t_full = timeit(lambda: generate_without_cache(model, labels, 1.5), device=device)
+    print(f'{name} sample: {len(labels) / t_cache:8.1f} img/s with kv cache  vs recompute '
+          f'{len(labels) / t_full:8.1f} img/s  ratio {t_full / t_cache:.2f}x')
+    if device == 'cuda':
+        print('VAR-d16 at 256 px, each lever, beside the official code: python bench.py --gpu')
 
 if __name__ == '__main__':
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument('--depth', type=int, default=0, help='one VAR depth (default: 4, +16 on GPU)')
-    p.add_argument('--batch', type=int, default=0, help='training batch (default 32 / 16)')
+    p.add_argument('--depth', type=int, default=0, help='VAR depth at 32 px (default 4)')
+    p.add_argument('--batch', type=int, default=0, help='training batch (default 32)')
     p.add_argument('--gen_batch', type=int, default=16, help='images per generate call')
+    p.add_argument('--gpu', action='store_true', help='VAR-d16 on one CUDA GPU: every lever, '
+                   'train and sample (at most 5 min on an H100)')
+    p.add_argument('--official', default='', help='--gpu: an extracted FoundationVision/VAR '
+                   'checkout, run beside ours')
     p.add_argument('--kmeans', action='store_true', help='the K-Means benchmark instead of VAR')
     p.add_argument('--fid', action='store_true', help='the FID Inception benchmark instead')
     p.add_argument('--kmeans_n', type=int, default=200_000, help='K-Means points')

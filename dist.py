@@ -49,14 +49,17 @@ Run = namedtuple('Run', 'device rank world autocast')   # what a training piece 
 
 def training_run(args):
     """train.py's setup(): the device and process group, TF32 on, then the defaults that depend
-    on the device: --dtype (bfloat16 autocast on CUDA, float32 elsewhere) and --compile (on
-    with CUDA when Triton is installed, which GPU kernels need; absent on Windows)."""
+    on the device: --dtype (bfloat16 autocast on CUDA, float32 elsewhere), --compile (on
+    with CUDA when Triton is installed, which GPU kernels need; absent on Windows) and
+    --fused_adamw (on with CUDA)."""
     device, rank, world = setup(args.device, tf32=True)
     device_type = torch.device(device).type
     if args.dtype is None:
         args.dtype = 'bfloat16' if device_type == 'cuda' else 'float32'
     if args.compile is None:
         args.compile = device_type == 'cuda' and importlib.util.find_spec('triton') is not None
+    if args.fused_adamw is None:
+        args.fused_adamw = device_type == 'cuda'
     dtype = getattr(torch, args.dtype)
     ctx = torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     return Run(device, rank, world, ctx)

@@ -85,6 +85,8 @@ def build_parser():
     p.add_argument('--edit_mask', default='', help='white = regenerate, black = keep')
     p.add_argument('--out', default='', help='PNG to write (default: next to the checkpoint)')
     p.add_argument('--device', default='', help='cuda, mps or cpu (default: best available)')
+    p.add_argument('--dtype', choices=['float32', 'bfloat16', 'float16'], help='autocast dtype '
+                   "(default: bfloat16 on CUDA, as VAR's demo runs under fp16; else float32)")
     p.add_argument('--no_ema', action='store_true', help='use the raw weights, not the EMA')
     return p
 
@@ -190,7 +192,13 @@ def load_image(path, resolution, mode='RGB'):
 @torch.no_grad()
 def main(args):
     device, rank, world = dist.setup(args.device, tf32=True)   # TF32: as VAR's demo
-    gen, vae, K, class_names = load(args, device)
+    sample, vae, K, class_names = load(args, device)
+    kind = torch.device(device).type
+    dtype = getattr(torch, args.dtype or ('bfloat16' if kind == 'cuda' else 'float32'))
+
+    def gen(labels, seed, **edit):   # images in [0, 1], float32
+        with torch.autocast(kind, dtype, enabled=dtype != torch.float32):
+            return sample(labels, seed, **edit).float()
     bad = [c for c in args.classes or () if c >= K]
     if bad:
         build_parser().error(f'argument --classes: {bad[0]} is not a class of this model ' +

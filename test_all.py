@@ -28,8 +28,10 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from PIL import Image
 
+import bench
 import checkpoint
 import data
+import dist
 import digit
 import fid
 import inception
@@ -1387,6 +1389,67 @@ def test_var_flex_attention_block_mask_equals_the_dense_mask():
     assert sorted(n for n, _ in model.block_masks) == [5, model.L]
 
 
+def test_bench_loads_the_official_var_beside_ours(tmp_path):
+    """bench.py --official: a checkout laid out as FoundationVision/VAR's (models/ importing its
+    own top-level `dist` and huggingface_hub, build_vae_var switching nn init off for the
+    process) loads holding our weights; afterwards `dist` is ours, nn init is back, nothing of
+    it stays in sys.modules. A folder that is not a checkout, or no GPU for --gpu, is one line."""
+    (tmp_path / 'models').mkdir()
+    (tmp_path / 'dist.py').write_text("def get_device():\n    return 'theirs'\n")
+    (tmp_path / 'models' / 'var.py').write_text('from var import VAR\nfrom vqvae import VQVAE\n')
+    (tmp_path / 'models' / '__init__.py').write_text(
+        'import torch.nn as nn\nimport dist\nfrom huggingface_hub import PyTorchModelHubMixin\n'
+        'from .var import VAR, VQVAE\n\n\n'
+        'def build_vae_var(device, patch_nums, V, Cvae, ch, num_classes, depth, shared_aln,\n'
+        '                  attn_l2_norm):\n'
+        "    assert dist.get_device() == 'theirs'\n"
+        '    for clz in (nn.Linear, nn.LayerNorm, nn.Conv2d, nn.BatchNorm2d):\n'
+        "        setattr(clz, 'reset_parameters', lambda self: None)\n"
+        '    vae = VQVAE(vocab_size=V, z_channels=Cvae, ch=ch, ch_mult=(1, 2), num_res_blocks=1,\n'
+        '                patch_nums=patch_nums, using_sa=True)\n'
+        '    return vae, VAR(vae, depth=depth, num_classes=num_classes, patch_nums=patch_nums,\n'
+        '                    shared_aln=shared_aln, attn_l2_norm=attn_l2_norm).to(device)\n')
+    model = tiny_var()
+    before, linear_init = set(sys.modules), torch.nn.Linear.reset_parameters
+    ref = bench.load_official(str(tmp_path), model.vae[0], model, 'cpu')
+    assert ref is not model
+    for (k, a), (k2, b) in zip(model.state_dict().items(), ref.state_dict().items()):
+        assert k == k2 and torch.equal(a, b), k
+    for (k, a), b in zip(model.vae[0].state_dict().items(), ref.vae[0].state_dict().values()):
+        assert torch.equal(a, b), k
+    assert set(sys.modules) == before and sys.modules['dist'] is dist
+    assert torch.nn.Linear.reset_parameters is linear_init
+    assert 'reset_parameters' not in torch.nn.Conv2d.__dict__   # inherited again
+    assert torch.nn.Linear(64, 64).weight.abs().max() > 0      # initialised, not empty
+    with pytest.raises(SystemExit, match=r'^--official \S*nowhere: not a .*models/var.py'):
+        bench.load_official(str(tmp_path / 'nowhere'), model.vae[0], model, 'cpu')
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match=r'^--gpu needs a CUDA device'):
+            bench.bench_gpu(argparse.Namespace(official=''))
+
+
+def test_fused_adamw_flag_steps_as_the_default_adamw():
+    """--fused_adamw (default on with CUDA, off elsewhere) gives train.py the fused AdamW
+    kernel; its step moves the weights as the default (foreach) AdamW does, to fp32 rounding."""
+    args = train.get_args(['--device', 'cpu', '--lr', '0.01', '--weight_decay', '0.1'])
+    dist.training_run(args)
+    assert args.fused_adamw is False
+    weights = []
+    for fused in (False, True):
+        args.fused_adamw = fused
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+        opt = train.make_optimizer(net, args)
+        assert opt.defaults['fused'] is fused
+        for _ in range(3):
+            net(torch.randn(4, 8)).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+        weights.append([p.detach() for p in net.parameters()])
+    for before, fused in zip(*weights):
+        torch.testing.assert_close(fused, before, rtol=1e-5, atol=1e-6)
+
+
 def test_var_kv_cache_sampling_equals_full_recompute_and_cfg():
     """Greedy tokens drawn scale by scale with the kv cache equal the argmax of the
     teacher-forced logits recomputed from scratch; with cfg the recompute combines the
@@ -2262,6 +2325,29 @@ def test_sample_npz_grid_and_zero_shot_edit(tmp_path):
     expected = data.to_uint8(vae.idx_to_img(vae.img_to_idx(x)))[0]
     assert np.abs(grid[2:66:4, 2:66:4].astype(int) - expected).max() <= 1
     assert np.abs(grid[2:66:4, 68:132:4].astype(int) - expected).max() <= 1
+
+
+def test_sample_dtype_bfloat16_samples_under_autocast(tmp_path):
+    """--dtype bfloat16 (the default on CUDA) samples VAR under autocast: greedy tokens agree
+    with fp32's at nearly every position, the cumulative f_hat stays fp32, and sample.py
+    writes the same kind of .npz, from different (bf16) numbers."""
+    model, labels = tiny_var(), torch.arange(8)
+    tokens, f_hat = model.sample_tokens(labels, cfg=1.5, top_k=1, seed=0)
+    with torch.autocast('cpu', torch.bfloat16):
+        tokens_bf16, f_hat_bf16 = model.sample_tokens(labels, cfg=1.5, top_k=1, seed=0)
+    same = torch.cat([a == b for a, b in zip(tokens, tokens_bf16)], 1).float().mean()
+    assert 0.95 <= same < 1 and f_hat_bf16.dtype == torch.float32, same
+    save_vqvae(model.vae[0], tmp_path / 'vae.pt')
+    checkpoint.save(dict(kind='var', config=vqvae.asdict(model.config), model=model.state_dict(),
+                         ema=None, vae=str(tmp_path / 'vae.pt')), str(tmp_path / 'var.pt'))
+    out = []
+    for dtype in ('float32', 'bfloat16'):
+        sample.main(sample.get_args(['--ckpt', str(tmp_path / 'var.pt'), '--device', 'cpu',
+                                     '--dtype', dtype, '--num_samples', '4',
+                                     '--npz', str(tmp_path / f'{dtype}.npz')]))
+        out.append(np.load(tmp_path / f'{dtype}.npz')['arr_0'])
+    assert out[0].shape == out[1].shape == (4, 16, 16, 3) and out[1].dtype == np.uint8
+    assert not np.array_equal(*out)
 
 
 TINY_VQGAN = dict(vocab_size=FS_VQ, z_channels=8, ch=32, ch_mult=(1, 1, 1, 1, 1),

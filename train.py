@@ -134,6 +134,8 @@ def add_shared_args(p):
                    help='autocast dtype (default: bfloat16 on CUDA, float32 elsewhere)')
     g.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None,
                    help='torch.compile the model (default: on with CUDA when Triton is installed)')
+    g.add_argument('--fused_adamw', action=argparse.BooleanOptionalAction,
+                   help="AdamW's fused kernel, one launch for all tensors (default: on with CUDA)")
     g.add_argument('--seed', type=int, default=0, help='seed of init, data order and sampling')
     g = p.add_argument_group('output')
     g.add_argument('--out_dir', help='checkpoint, log and images go here (out/<model>)')
@@ -174,7 +176,8 @@ def make_optimizer(model, args, no_decay_names=()):
             (no_decay if skip else decay).append(p)
     groups = [dict(params=decay, weight_decay=args.weight_decay),
               dict(params=no_decay, weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2))
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2),
+                             fused=args.fused_adamw)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -187,10 +190,8 @@ def validate(model, piece, args, run, fid_ref=None):
     figures by the piece's own figures(sums)). With fid_ref (fid.HeldOut), also the FID of the
     piece's fid_images."""
     model.eval()
-    val_set = piece.val_set
-    items = range(run.rank, min(len(val_set), args.eval_images), run.world)
-    sums = {}
-    for batch in torch.utils.data.DataLoader(torch.utils.data.Subset(val_set, items),
+    items, sums = range(run.rank, min(len(piece.val_set), args.eval_images), run.world), {}
+    for batch in torch.utils.data.DataLoader(torch.utils.data.Subset(piece.val_set, items),
                                              args.batch_size, num_workers=args.num_workers):
         if hasattr(piece, 'val_sums'):
             batch_sums = piece.val_sums(model, batch)

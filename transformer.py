@@ -13,8 +13,9 @@ linear map gives six vectors, and with LN a LayerNorm without affine parameters
     x = x + gamma1 * Attn(LN(x) * (1 + scale1) + shift1)
     x = x + gamma2 * MLP (LN(x) * (1 + scale2) + shift2)
 VAR starts the gammas near zero (init_adaln_gamma), so every block starts near the identity.
-Deviation: attention always runs on torch's fused scaled_dot_product_attention (no flash_attn or
-xformers imports); it picks flash / memory-efficient kernels on GPU by itself.
+Deviation: attention runs on torch's scaled_dot_product_attention, which picks flash or
+memory-efficient kernels on a GPU by itself, or on FlexAttention when the mask is a BlockMask
+(VAR's --attn flex); no flash_attn or xformers imports.
 Test: `python -m pytest test_all.py -k "gpt or var"`.
 """
 import math
@@ -23,7 +24,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
-
 
 
 def drop_path(x, p, training):

@@ -16,8 +16,9 @@ null class of classifier-free guidance (labels are dropped to it with prob. cond
 One dial: depth. Width 64 * depth, heads = depth, drop-path 0.1 * depth / 24 (the official
 build_vae_var). Module names match the released var_d16.pth ... var_d36.pth, which load with
 every tensor used: `VAR.from_checkpoint('var_d16.pth', vae)`.
-Deviations: labels are dropped only in training mode; attention is torch SDPA only. On CPU in
-fp32, logits, gradients and samples (same seed) are bit-identical to the official code.
+Deviations: labels are dropped only in training mode; attention is torch SDPA or FlexAttention
+(attn_impl 'flex'), never flash_attn / xformers. On CPU in fp32, logits, gradients and samples
+(same seed) are bit-identical to the official code.
 Test: `python -m pytest test_all.py -k var`; train: `python train.py --model var --depth 16`.
 """
 import argparse
