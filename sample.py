@@ -192,13 +192,13 @@ def load_image(path, resolution, mode='RGB'):
 @torch.no_grad()
 def main(args):
     device, rank, world = dist.setup(args.device, tf32=True)   # TF32: as VAR's demo
-    sample, vae, K, class_names = load(args, device)
+    draw, vae, K, class_names = load(args, device)
     kind = torch.device(device).type
     dtype = getattr(torch, args.dtype or ('bfloat16' if kind == 'cuda' else 'float32'))
 
     def gen(labels, seed, **edit):   # images in [0, 1], float32
         with torch.autocast(kind, dtype, enabled=dtype != torch.float32):
-            return sample(labels, seed, **edit).float()
+            return draw(labels, seed, **edit).float()
     bad = [c for c in args.classes or () if c >= K]
     if bad:
         build_parser().error(f'argument --classes: {bad[0]} is not a class of this model ' +

@@ -429,11 +429,10 @@ def held_out_fid(piece, val_set, args, run, print0):
 
 def append_log(line, path):
     """Print a log line and append it to path; path None (ranks > 0): nothing."""
-    if path is None:
-        return
-    print(line)
-    with open(path, 'a') as f:
-        print(line, file=f)
+    if path is not None:
+        print(line)
+        with open(path, 'a') as f:
+            print(line, file=f)
 
 
 def report(piece, held_out, args, s, ckpt_path, log_path):
