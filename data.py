@@ -383,13 +383,16 @@ def tokenizer_key(config, tensors):
 
 
 @torch.no_grad()
-def tokenize(encode, key, dataset, path, args, device, limit=None):
-    """Tokenize a dataset once with a frozen tokenizer, encode(img (B, 3, H, W)) -> ids (B, L)
-    (eval crops, so no augmentation), each rank a slice, gathered on every rank and cached in
-    `path` under `key` (+ the data, its size and resolution): a TokenDataset of (N, L) ids."""
+def tokenize(encode, key, dataset, path, args, device, limit=None, crops=1):
+    """Tokenize a dataset once with a frozen tokenizer, encode(img (B, 3, H, W)) -> ids (B, L),
+    each rank a slice, gathered on every rank and cached in `path` under `key` (+ the data, its
+    size and resolution): a TokenDataset of (crops * N, L) ids, row i + k N the image i as the
+    dataset gives it in pass k (training sets: random crops, and flips; held-out: centre crops).
+    crops > 1 passes keep a model trained on the cache seeing its images augmented."""
     rank, world = dist.rank_world()
     n = min(len(dataset), limit or len(dataset))
-    key = dict(key, n=n, data=args.data, resolution=args.resolution)
+    key = dict(key, n=n, data=args.data, resolution=args.resolution, **(
+        {'crops': crops} if crops > 1 else {}))   # one pass: the key (and old caches) as before
     if os.path.exists(path):   # reused only if made by the same tokenizer from the same data
         try:
             cache = checkpoint.load(path, 'token cache')
@@ -398,18 +401,20 @@ def tokenize(encode, key, dataset, path, args, device, limit=None):
             cache = {}
         if cache.get('key') == key:
             return TokenDataset(cache['tokens'], cache['labels'])
-    mine = range(rank, n, world)                       # this rank: items rank, rank + world, ...
+    n_all = n * crops                                  # row r: image r % n
+    mine = [r % n for r in range(rank, n_all, world)]  # this rank: rows rank, rank + world, ...
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine), args.batch_size,
                                          num_workers=args.num_workers)
     tokens, labels, bad_files = [], [], BadFiles(dataset)
-    for img, label, bad in tqdm(loader, desc=f'tokenizing {n} images', disable=rank != 0):
+    desc = f'tokenizing {n} images' + (f' x {crops} crops' if crops > 1 else '')
+    for img, label, bad in tqdm(loader, desc=desc, disable=rank != 0):
         tokens.append(encode(img.to(device)).cpu())                                 # (B, L)
         labels.append(label)
         bad_files.update(bad)
     bad_files.sync()   # each unreadable file warned about once, by rank 0
     tokens, labels = torch.cat(tokens), torch.cat(labels)
     if world > 1:   # every rank's items, in rank order, each put back at its index
-        order = torch.cat([torch.arange(r, n, world) for r in range(world)])          # (n,)
+        order = torch.cat([torch.arange(r, n_all, world) for r in range(world)])  # (n_all,)
         gathered = [dist.all_gather_rows(t.to(device)).cpu() for t in (tokens, labels)]
         tokens, labels = [torch.empty_like(g).index_copy_(0, order, g) for g in gathered]
     dtype = torch.int16 if tokens.max() <= 32767 else torch.int32

@@ -74,7 +74,8 @@ def token_key(tok):
 def cache_tokens(piece, encode, key, args, run):
     """piece.train_set and piece.val_set become the tokens of its images (data.tokenize)."""
     path = lambda split: os.path.join(args.out_dir, f'tokens_{split}.pt')
-    piece.train_set = data.tokenize(encode, key, piece.train_set, path('train'), args, run.device)
+    piece.train_set = data.tokenize(encode, key, piece.train_set, path('train'), args, run.device,
+                                    crops=args.token_crops)
     piece.val_set = data.tokenize(encode, key, piece.val_set, path('val'), args, run.device,
                                   limit=args.eval_images)
 

@@ -2758,6 +2758,38 @@ def test_train_var_ddp_gathers_the_token_cache_and_ranks_agree(tmp_path):
     assert cache['labels'].tolist() == [ds[i][1] for i in range(21)]
 
 
+
+def test_tokenize_crops_makes_passes_of_new_random_crops(tmp_path):
+    """--token_crops K: the cache holds K passes over the training images, row i + k N the image
+    i (its label) as one of its random crops, new crops in each pass; a second call reuses the
+    cache; one pass keeps the key without 'crops', so older caches stay valid."""
+    rng = np.random.default_rng(0)
+    for c in range(2):   # 36 px files at resolution 32: no resize, crops are exact windows
+        (tmp_path / 'img' / f'c{c}').mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (36, 36, 3), np.uint8)).save(
+                tmp_path / 'img' / f'c{c}' / f'{i}.png')
+    ds = data.build_dataset(str(tmp_path / 'img'), 32, True)
+    args = argparse.Namespace(data=str(tmp_path / 'img'), resolution=32, batch_size=4,
+                              num_workers=0)
+    encode = lambda img: (img[:, 0, :3, :3].flatten(1) * 1000).round().long()      # (B, 9)
+    torch.manual_seed(0)
+    got = data.tokenize(encode, {'k': 1}, ds, str(tmp_path / 'c3.pt'), args, 'cpu', crops=3)
+    n = len(ds)
+    assert len(got) == 3 * n and got.labels.tolist() == [ds.samples[i][1] for i in range(n)] * 3
+    for r in range(3 * n):
+        full = torch.from_numpy(np.asarray(Image.open(ds.samples[r % n][0]), np.float32))
+        full = (full.permute(2, 0, 1) / 255 * 2 - 1)[None]                     # (1, 3, 36, 36)
+        windows = [encode(full[:, :, t:t + 32, l:l + 32])[0] for t in range(5) for l in range(5)]
+        assert any(torch.equal(got.tokens[r].long(), w) for w in windows)
+    assert not torch.equal(got.tokens[:n], got.tokens[n:2 * n])
+    again = data.tokenize(encode, {'k': 1}, ds, str(tmp_path / 'c3.pt'), args, 'cpu', crops=3)
+    assert torch.equal(again.tokens, got.tokens)
+    one = data.tokenize(encode, {'k': 1}, ds, str(tmp_path / 'c1.pt'), args, 'cpu')
+    keys = [torch.load(tmp_path / f, weights_only=True)['key'] for f in ('c1.pt', 'c3.pt')]
+    assert len(one) == n and 'crops' not in keys[0] and keys[1]['crops'] == 3
+
+
 # --- fid.py ------------------------------------------------------------------------------------
 
 

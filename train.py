@@ -104,6 +104,8 @@ def add_shared_args(p):
     g.add_argument('--resolution', type=positive_int, default=32, help='image side in pixels')
     g.add_argument('--hflip', action=argparse.BooleanOptionalAction, default=False,
                    help='random horizontal flips')
+    g.add_argument('--token_crops', type=positive_int, default=1, help='var, gpt, stage2: '
+                   'tokenize each training image this many times, each a new random crop')
     g.add_argument('--train_images', type=nonneg_int, default=0,
                    help='use only this many training images (0 = all), for quick experiments')
     g.add_argument('--num_workers', type=cli.number(int, lambda v: v >= -1, 'an integer >= -1'),

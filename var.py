@@ -305,7 +305,7 @@ class Training:
             encode = lambda img: torch.cat(vae.img_to_idx(img), 1)                   # (B, L)
             key = data.tokenizer_key(asdict(vae.config), vae.parameters())
             self.train_set = data.tokenize(encode, key, train_set, os.path.join(
-                args.out_dir, 'tokens_train.pt'), args, run.device)
+                args.out_dir, 'tokens_train.pt'), args, run.device, crops=args.token_crops)
             self.val_set = data.tokenize(encode, key, val_set, os.path.join(
                 args.out_dir, 'tokens_val.pt'), args, run.device, limit=args.eval_images)
         self.num_classes = train_set.num_classes
