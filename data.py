@@ -406,8 +406,7 @@ def tokenize(encode, key, dataset, path, args, device, limit=None, crops=1):
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine), args.batch_size,
                                          num_workers=args.num_workers)
     tokens, labels, bad_files = [], [], BadFiles(dataset)
-    desc = f'tokenizing {n} images' + (f' x {crops} crops' if crops > 1 else '')
-    for img, label, bad in tqdm(loader, desc=desc, disable=rank != 0):
+    for img, label, bad in tqdm(loader, desc=f'tokenizing {n_all} images', disable=rank != 0):
         tokens.append(encode(img.to(device)).cpu())                                 # (B, L)
         labels.append(label)
         bad_files.update(bad)
