@@ -1428,6 +1428,25 @@ def test_bench_loads_the_official_var_beside_ours(tmp_path):
             bench.bench_gpu(argparse.Namespace(official=''))
 
 
+def test_bf16_on_a_cpu_without_native_bf16_gets_a_note(tmp_path, monkeypatch, capsys):
+    """cpu_has_native_bf16 reads the flags of /proc/cpuinfo (None without them); training_run
+    notes, in one line, that --dtype bfloat16 is slower on a CPU that only emulates it."""
+    info = tmp_path / 'cpuinfo'
+    for flags, native in (('fpu avx2 avx512f', False), ('avx512f avx512_bf16', True),
+                          ('amx_bf16 amx_tile', True)):
+        info.write_text(f'processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\n')
+        assert dist.cpu_has_native_bf16(str(info)) is native
+    info.write_text('Features\t: fp asimd bf16\n')   # ARM names no x86 flags: unknown
+    assert dist.cpu_has_native_bf16(str(info)) is None
+    assert dist.cpu_has_native_bf16(str(tmp_path / 'absent')) is None
+    for native, noted in ((False, True), (True, False), (None, False)):
+        monkeypatch.setattr(dist, 'cpu_has_native_bf16', lambda native=native: native)
+        run = dist.training_run(train.get_args(['--device', 'cpu', '--dtype', 'bfloat16']))
+        assert (capsys.readouterr().out.count('slower than float32') == 1) is noted
+        with run.autocast:
+            assert torch.get_autocast_dtype('cpu') is torch.bfloat16
+
+
 def test_fused_adamw_flag_steps_as_the_default_adamw():
     """--fused_adamw (default on with CUDA, off elsewhere) gives train.py the fused AdamW
     kernel; its step moves the weights as the default (foreach) AdamW does, to fp32 rounding."""
@@ -3188,11 +3207,12 @@ def test_fid_held_out_statistics_are_cached_by_data_and_count_and_reused(fid_net
     assert start(0, ('data', 16)) is None
 
 
-def test_train_logs_fid_of_the_tokenizer_at_every_eval(fid_net, tmp_path, monkeypatch):
+def test_train_logs_fid_of_the_tokenizer_at_every_eval(fid_net, tmp_path, monkeypatch, capsys):
     """--fid_images 2: the VQVAE's rFID is in every eval line, its held-out statistics cached
-    beside --out_dir; the final report names it."""
+    beside --out_dir; the final report names it with the number of images it used."""
     monkeypatch.setenv('FID_INCEPTION_WEIGHTS', fid_net[1])
     train.main(train.get_args(tiny_run(tmp_path / 'vq', '--max_iters', '4', '--fid_images', '2')))
+    assert '(2 images vs 2 held-out ones)' in capsys.readouterr().out
     evals = [ln for ln in open(tmp_path / 'vq' / 'log.txt') if ln.startswith('eval')]
     assert len(evals) == 2 and all(' fid ' in ln for ln in evals)
     assert len(list((tmp_path / 'fid_stats').glob('fid_stats_*.npz'))) == 1

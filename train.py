@@ -416,7 +416,7 @@ def fit(args, run):
     if s['step'] == start:   # already done: report the finished run again
         held_out = validate(eval_model, piece, args, run)
     if master:
-        report(piece, held_out, args, s, ckpt_path, log_path)
+        report(piece, held_out, fid_ref, args, s, ckpt_path, log_path)
     return raw
 
 
@@ -437,12 +437,13 @@ def append_log(line, path):
             print(line, file=f)
 
 
-def report(piece, held_out, args, s, ckpt_path, log_path):
-    """The final held-out figures (the piece's summary) and where the results are."""
+def report(piece, held_out, fid_ref, args, s, ckpt_path, log_path):
+    """The final held-out figures (the piece's summary, FID over fid_ref.n images) and where
+    the results are."""
     step, name = s['step'], piece.picture_name
     print('\n' + piece.summary(held_out, step))
     if 'fid' in held_out:
-        print(f"FID {held_out['fid']:.2f} (--fid_images {args.fid_images} vs as many held-out)")
+        print(f"FID {held_out['fid']:.2f} ({fid_ref.n} images vs {fid_ref.n} held-out ones)")
     picture = os.path.join(args.out_dir, f'{name}_{step:06d}.png')
     print(f'checkpoint {ckpt_path}\n' + (f'{name} {picture}\n' if name else '') + f'log {log_path}'
           + (f"\n{len(s['bad'].paths)} unreadable files were skipped" if s['bad'].paths else ''))
