@@ -2541,7 +2541,9 @@ def test_train_digit_chain_gpt_stage2_and_sample(tmp_path, fid_net, monkeypatch)
              'ckpt.pt'), '--device', 'cpu', '--per_class', '1']
     sample.main(sample.get_args(chain + ['--out', str(tmp_path / 'grid.png')]))
     assert Image.open(tmp_path / 'grid.png').size == (2 + 10 * 66, 2 + 66)  # 10 classes, 16 px x 4
-    sample.main(sample.get_args(chain + ['--num_samples', '3', '--npz', str(tmp_path / 'd.npz')]))
+    args = sample.get_args(chain + ['--num_samples', '3', '--npz', str(tmp_path / 'd.npz')])
+    sample.main(args)
+    assert args.top_k == 1 and [sample.digit_top_k(k) for k in (8192, 512)] == [300, 19]
     npz = np.load(tmp_path / 'd.npz')
     assert npz['arr_0'].shape == (3, 16, 16, 3) and list(npz['labels']) == [0, 1, 2]
 
