@@ -212,9 +212,9 @@ def print_rows(title, rows):
 
 
 def make_gmm(n, d, n_comp=2000, seed=0):
-    """Stand-in for un-normalised ViT patch features (kmeans_notes.md 2.1): n_comp anisotropic
-    components (centre offsets with a 1/j variance spectrum) around a common mean of norm 40,
-    log-normal weights, sigma in [0.3, 0.6], 5% broad background noise. -> (n, d) fp32."""
+    """Stand-in for un-normalised ViT patch features: n_comp anisotropic components (centre
+    offsets with a 1/j variance spectrum) around a common mean of norm 40, log-normal weights,
+    sigma in [0.3, 0.6], 5% broad background noise. -> (n, d) fp32."""
     g = torch.Generator().manual_seed(seed)
     scale = 7.8 / torch.arange(1, d + 1).sqrt()                                    # (d,)
     mean = F.normalize(torch.randn(d, generator=g), dim=0) * 40                    # (d,)
@@ -430,7 +430,8 @@ def main(args):
     if device == 'cuda':
         print('VAR-d16 at 256 px, each lever, beside the official code: python bench.py --gpu')
 
-if __name__ == '__main__':
+
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument('--depth', type=int, default=0, help='VAR depth at 32 px (default 4)')
@@ -447,4 +448,8 @@ if __name__ == '__main__':
     p.add_argument('--kmeans_k', type=int, default=1024, help='K-Means centroids')
     p.add_argument('--kmeans_iter', type=int, default=20, help='K-Means Lloyd iterations')
     p.add_argument('--kmeans_rounds', type=int, default=3, help='K-Means interleaved repeats')
-    main(p.parse_args())
+    return p
+
+
+if __name__ == '__main__':
+    main(build_parser().parse_args())

@@ -8,6 +8,7 @@ Files a run cannot afford to lose or to misread: checkpoints, token caches, toke
                            empty, truncated or foreign file is one line naming it, never a
                            torch traceback. foreign=True also reads DiGIT's released fairseq
                            files: the few classes their pickles name become inert stand-ins
+    append_log(line, path) a line of the run's log.txt, printed too
     OutDirLock(out_dir)    one trainer per output folder: a lock file holding the owner's pid
                            and host; a lock whose process has died is taken over
 
@@ -37,6 +38,14 @@ def save(obj, path):
             raise SystemExit(f'disk full while writing {path}: the previous file is intact; '
                              'free some space and rerun') from None
         raise
+
+
+def append_log(line, path):
+    """Print a log line and append it to path; path None (ranks > 0): nothing."""
+    if path is not None:
+        print(line)
+        with open(path, 'a') as f:
+            print(line, file=f)
 
 
 def _is_disk_full(e):
@@ -162,7 +171,7 @@ class OutDirLock:
             return ''
 
     def _stale(self):
-        """The owner is a process of this host that no longer runs."""
+        """The owner is a process of this host that has exited."""
         pid, _, host = self._owner().partition(' ')
         if not pid:   # empty: its writer died between creating and writing it
             return True
@@ -186,7 +195,7 @@ class OutDirLock:
 DATA_FLAGS = ('data', 'resolution', 'train_images')
 
 
-def to_resume(path, args, frozen, print0):
+def to_resume(path, args, frozen, master_print):
     """The checkpoint of this --out_dir, if --resume auto finds one of this --model, made from
     the same data and the same frozen inputs (a resume must not train on other tokens)."""
     if args.resume != 'auto' or not os.path.exists(path):
@@ -202,37 +211,39 @@ def to_resume(path, args, frozen, print0):
         raise SystemExit(f"{path} was trained with {', '.join(changed)}: resuming would train "
                          'on other data; rerun with the same flags, or pass --resume never or '
                          'another --out_dir')
-    print0(f'resuming from {path} at step {ckpt["step"]}')
+    master_print(f'resuming from {path} at step {ckpt["step"]}')
     return ckpt
 
 
-def save_run(path, s, config, args, frozen, class_names):
+def save_run(path, state, config, args, frozen, class_names):
     """Everything a resume needs, as plain types and tensors (weights_only loading); never
     non-finite weights (the previous checkpoint is kept and the run stops)."""
-    disc = s['disc']
-    for name, t in s['raw'].named_parameters():   # buffers may hold -inf (attention masks)
+    model, disc = state['raw_model'], state['disc']
+    for name, t in model.named_parameters():   # buffers may hold -inf (attention masks)
         if not torch.isfinite(t).all():
-            raise SystemExit(f"not saving {path}: {name} is not finite at step {s['step']}; "
+            raise SystemExit(f"not saving {path}: {name} is not finite at step {state['step']}; "
                              'the previous checkpoint is kept. Lower --lr and rerun to resume.')
     save(dict(
-        kind=args.model, config=config, model=s['raw'].state_dict(),
+        kind=args.model, config=config, model=model.state_dict(),
         **{k: getattr(args, k) for k in frozen},
-        ema=s['ema'].state_dict() if s['ema'] is not None else None,
-        optimizer=s['optimizer'].state_dict(), step=s['step'], data_cursor=list(s['cursor']),
-        skipped_files=s['skipped'], args=vars(args), class_names=class_names,
+        ema=state['ema'].state_dict() if state['ema'] is not None else None,
+        optimizer=state['optimizer'].state_dict(), step=state['step'],
+        data_cursor=list(state['cursor']),
+        skipped_files=state['skipped'], args=vars(args), class_names=class_names,
         disc=disc.state_dict() if disc is not None else None,
-        disc_optimizer=s['disc_opt'].state_dict() if disc is not None else None,
-        scaler=s['scaler'].state_dict()), path)
+        disc_optimizer=state['disc_opt'].state_dict() if disc is not None else None,
+        scaler=state['scaler'].state_dict()), path)
 
 
-def restore(s, ckpt):
-    """Put a train.py checkpoint into the run's state s (what save_run wrote)."""
-    s['raw'].load_state_dict(ckpt['model'])
-    s['optimizer'].load_state_dict(ckpt['optimizer'])
-    if s['ema'] is not None:
-        s['ema'].load_state_dict(ckpt['ema'] or ckpt['model'])
-    if s['disc'] is not None and ckpt.get('disc'):
-        s['disc'].load_state_dict(ckpt['disc'])
-        s['disc_opt'].load_state_dict(ckpt['disc_optimizer'])
-    s['scaler'].load_state_dict(ckpt['scaler'])
-    s.update(step=ckpt['step'], cursor=tuple(ckpt['data_cursor']), skipped=ckpt['skipped_files'])
+def restore(state, ckpt):
+    """Put a train.py checkpoint into the run's state (what save_run wrote)."""
+    state['raw_model'].load_state_dict(ckpt['model'])
+    state['optimizer'].load_state_dict(ckpt['optimizer'])
+    if state['ema'] is not None:
+        state['ema'].load_state_dict(ckpt['ema'] or ckpt['model'])
+    if state['disc'] is not None and ckpt.get('disc'):
+        state['disc'].load_state_dict(ckpt['disc'])
+        state['disc_opt'].load_state_dict(ckpt['disc_optimizer'])
+    state['scaler'].load_state_dict(ckpt['scaler'])
+    state.update(step=ckpt['step'], cursor=tuple(ckpt['data_cursor']),
+                 skipped=ckpt['skipped_files'])

@@ -36,14 +36,12 @@ IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.we
 HOLDOUT_EVERY = 50  # a folder without train/ and val/ gives every 50th file (2%) to val
 
 
-# -----------------------------------------------------------------------------
-# image folders
+# ---- image folders ----------------------------------------------------------------------------
 
 def load_rgb(path):
     """Decode one file into an 8-bit RGB PIL image; raises on corrupt or truncated files."""
-    # PIL's ImageFile.LOAD_TRUNCATED_IMAGES stays False, so load() raises on truncated data
     with Image.open(path) as img:
-        img.load()
+        img.load()  # PIL's LOAD_TRUNCATED_IMAGES stays False: raises on truncated data
         if img.mode in ('I', 'F') or img.mode.startswith('I;16'):
             a = np.asarray(img, dtype=np.float64)  # (H, W)
             if img.mode.startswith('I;16') or a.max() > 255:
@@ -52,8 +50,7 @@ def load_rgb(path):
                 a = a * 255  # float images in [0, 1]
             return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8)).convert('RGB')
         if img.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or 'transparency' in img.info:
-            # composite alpha (also a palette/L/RGB transparent colour) onto white
-            rgba = img.convert('RGBA')
+            rgba = img.convert('RGBA')  # alpha (or a P/L/RGB transparent colour) onto white
             white = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
             return Image.alpha_composite(white, rgba).convert('RGB')
         return img.convert('RGB')  # L, P, 1, CMYK, YCbCr, ...
@@ -155,8 +152,8 @@ class ImageFolder(torch.utils.data.Dataset):
 
 class BadFiles:
     """The unreadable files met, by path: each counted and warned about (by rank 0) once, however
-    many epochs, DataLoader workers and ranks meet it. Feed it each batch's bad; 0-byte image
-    files count from the start. state: an earlier sync() (an old checkpoint's int: dropped)."""
+    many epochs, DataLoader workers and ranks meet it. Feed it each batch's bad; 0-byte image files
+    count from the start. state: the list sync() returned; other values (an int) start empty."""
 
     def __init__(self, dataset, state=()):
         self.dataset, self.rank = dataset, dist.rank_world()[0]
@@ -179,7 +176,7 @@ class BadFiles:
     def add(self, paths):
         for path in sorted(set(paths) - self.paths):
             self.paths.add(path)
-            if self.rank == 0:  # the reason, read once more here: workers no longer warn
+            if self.rank == 0:  # the reason, read once more here: the workers skip silently
                 try:
                     load_rgb(path)
                     why = 'it failed once and reads now (an I/O error?)'
@@ -188,15 +185,13 @@ class BadFiles:
                 warnings.warn(f'skipping unreadable image {path}: {why}')
 
 
-# -----------------------------------------------------------------------------
-# built-in procedural dataset
+# ---- built-in procedural dataset --------------------------------------------------------------
 
 def _frac(a):
     return a - np.floor(a)
 
 
-# the class shapes as functions of local coordinates (u, v): d <= 1 inside, d ~ 1 on the boundary
-SHAPES = {
+SHAPES = {  # the class shapes, of local coordinates (u, v): d <= 1 inside, d ~ 1 on the edge
     'disc': lambda u, v: np.sqrt(u * u + v * v),
     'square': lambda u, v: np.maximum(abs(u), abs(v)) * 1.15,
     'triangle': lambda u, v: np.maximum(v, 0.866 * abs(u) - 0.5 * v) / 0.58,  # apex up (y down)
@@ -211,8 +206,7 @@ SHAPES = {
                                         0.78 / np.sqrt((u - 0.42) ** 2 + v * v + 1e-12)),
     'hexagon': lambda u, v: np.maximum(abs(u), 0.5 * abs(u) + 0.866 * abs(v)) / 0.9,
 }
-# the class textures: binary patterns of coordinates p, q measured in pattern periods
-TEXTURES = {
+TEXTURES = {  # the class textures: binary patterns of coordinates p, q in pattern periods
     'stripes': lambda p, q: _frac(p) < 0.5,
     'checks': lambda p, q: (_frac(p) < 0.5) ^ (_frac(q) < 0.5),
     'dots': lambda p, q: (_frac(p) - 0.5) ** 2 + (_frac(q) - 0.5) ** 2 < 0.35 ** 2,
@@ -238,8 +232,7 @@ class ProceduralDataset(torch.utils.data.Dataset):
                       for c in range(num_classes)]
         self.class_names = ['-'.join((HUES[round(s['hue'] * 12) % 12], s['shape'],
                                       s['texture'])) for s in self.specs]
-        # masks are drawn on a grid supersampled k times and box-filtered: anti-aliased edges
-        self.ss = max(2, min(4, 96 // resolution))
+        self.ss = max(2, min(4, 96 // resolution))  # k: masks supersampled k x k, box-filtered
         grid = lambda n: (np.arange(n, dtype=np.float32) + 0.5) / n * 2 - 1  # pixel centres
         self.y, self.x = np.meshgrid(grid(resolution * self.ss), grid(resolution * self.ss),
                                      indexing='ij')  # (S, S) each, S = k * resolution, y down
@@ -294,17 +287,14 @@ class ProceduralDataset(torch.utils.data.Dataset):
         return (np.rint(img * 255) / 255).astype(np.float32)
 
 
-# -----------------------------------------------------------------------------
-# building datasets, saving images
+# ---- building datasets, saving images ---------------------------------------------------------
 
 def build_dataset(data, resolution, train, hflip=False, seed=0, size=None):
-    """
-    data='builtin': ProceduralDataset with seed (train) or seed+1 (val), size 10000 / 1000.
+    """data='builtin': ProceduralDataset with seed (train) or seed+1 (val), size 10000 / 1000.
     Otherwise a folder: data/train and data/val if both exist (same class folders), else data
     itself, whose every HOLDOUT_EVERY-th file (sorted by class then path: 2%, stratified) is the
     val split, never trained on (nor is a train/ file also in val/; files count once, before
-    splitting). size, if given, keeps that many evenly spaced files; seed: for 'builtin' only.
-    """
+    splitting). size, if given, keeps that many evenly spaced files; seed: for 'builtin' only."""
     if data == 'builtin':
         size = size or (10000 if train else 1000)
         return ProceduralDataset(size, resolution, seed=seed if train else seed + 1)
@@ -325,8 +315,7 @@ def build_dataset(data, resolution, train, hflip=False, seed=0, size=None):
     return ds
 
 
-# -----------------------------------------------------------------------------
-# data order for (distributed) training
+# ---- data order for (distributed) training ----------------------------------------------------
 
 class ShardedSampler(torch.utils.data.Sampler):
     """This rank's share of a permutation fixed by (seed, epoch), from position `start` on:
@@ -351,8 +340,7 @@ def endless_batches(dataset, batch_size, num_workers, rank, world, seed, epoch=0
     while True:
         sampler = ShardedSampler(len(dataset), rank, world, seed, epoch,
                                  batch_in_epoch * batch_size)
-        # its own generator: creating a loader must not draw from the global RNG (resume)
-        loader = torch.utils.data.DataLoader(
+        loader = torch.utils.data.DataLoader(  # own generator: global RNG untouched (resume)
             dataset, batch_size, sampler=sampler, num_workers=num_workers, drop_last=True,
             pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed + epoch))
         for batch in loader:
@@ -361,8 +349,7 @@ def endless_batches(dataset, batch_size, num_workers, rank, world, seed, epoch=0
         epoch, batch_in_epoch = epoch + 1, 0
 
 
-# -----------------------------------------------------------------------------
-# the data as the tokens of a frozen tokenizer
+# ---- the data as the tokens of a frozen tokenizer ---------------------------------------------
 
 class TokenDataset(torch.utils.data.Dataset):
     """Cached token sequences (N, L) with labels, served like images: (tokens, label, (i, 0))."""
@@ -385,14 +372,13 @@ def tokenizer_key(config, tensors):
 @torch.no_grad()
 def tokenize(encode, key, dataset, path, args, device, limit=None, crops=1):
     """Tokenize a dataset once with a frozen tokenizer, encode(img (B, 3, H, W)) -> ids (B, L),
-    each rank a slice, gathered on every rank and cached in `path` under `key` (+ the data, its
-    size and resolution): a TokenDataset of (crops * N, L) ids, row i + k N the image i as the
-    dataset gives it in pass k (training sets: random crops, and flips; held-out: centre crops).
-    crops > 1 passes keep a model trained on the cache seeing its images augmented."""
+    each rank a slice, gathered on every rank, cached in `path` under `key` (+ data, size,
+    resolution): a TokenDataset of (crops * N, L) ids, row i + k N image i as the dataset gives it
+    in pass k (train: random crops and flips, so crops > 1 keeps augmenting; held-out: centre)."""
     rank, world = dist.rank_world()
     n = min(len(dataset), limit or len(dataset))
     key = dict(key, n=n, data=args.data, resolution=args.resolution, **(
-        {'crops': crops} if crops > 1 else {}))   # one pass: the key (and old caches) as before
+        {'crops': crops} if crops > 1 else {}))   # one pass: no 'crops' entry in the key
     if os.path.exists(path):   # reused only if made by the same tokenizer from the same data
         try:
             cache = checkpoint.load(path, 'token cache')
@@ -422,8 +408,7 @@ def tokenize(encode, key, dataset, path, args, device, limit=None, crops=1):
     return TokenDataset(tokens.to(dtype), labels)
 
 
-# -----------------------------------------------------------------------------
-# saving
+# ---- saving -----------------------------------------------------------------------------------
 
 def to_uint8(images):
     """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8 numpy, rounding: inverse of x/255*2-1."""

@@ -1,6 +1,6 @@
 """
 Training DiGIT's two stages and its linear probe (Zhu et al., NeurIPS 2024) on the tokens of a
-frozen DiGIT tokenizer (tokenizer.py): the pieces of `train.py --model gpt / stage2 / probe`.
+frozen DiGIT tokenizer (tokenizer.py): the tasks of `train.py --model gpt / stage2 / probe`.
 The models are gpt.py's; this file is what DiGIT does with them.
 
     stage 1  --model gpt     p(s_1..s_L | class) = prod_l p(s_l | class, s_<l), raster order over
@@ -71,12 +71,12 @@ def token_key(tok):
                                    resolution=tok.resolution), [tok.centroids, *tok.parameters()])
 
 
-def cache_tokens(piece, encode, key, args, run):
-    """piece.train_set and piece.val_set become the tokens of its images (data.tokenize)."""
+def cache_tokens(task, encode, key, args, run):
+    """task.train_set and task.val_set become the tokens of its images (data.tokenize)."""
     path = lambda split: os.path.join(args.out_dir, f'tokens_{split}.pt')
-    piece.train_set = data.tokenize(encode, key, piece.train_set, path('train'), args, run.device,
+    task.train_set = data.tokenize(encode, key, task.train_set, path('train'), args, run.device,
                                     crops=args.token_crops)
-    piece.val_set = data.tokenize(encode, key, piece.val_set, path('val'), args, run.device,
+    task.val_set = data.tokenize(encode, key, task.val_set, path('val'), args, run.device,
                                   limit=args.eval_images)
 
 
@@ -310,10 +310,11 @@ class LinearProbe(nn.Module):
     null class (BOS), never the labels (they are only the targets); it stays in eval mode and
     gets no gradient. Optimise only the heads (probe.heads.parameters()).
     layers: the states probed (default 0..depth); last: the mean over all L + 1 positions
-    [start, x_1..x_L], not the L target positions [start, x_1..x_{L-1}]. DiGIT's protocol
-    (reference/digit_official.md 2.5), used for its released stage 1: layers 0..depth-1 and
-    last, fairseq's inner_states over the 257 positions [BOS, x_1..x_256]. DiGIT trains with SGD
-    lr 0.4, momentum 0.9, RandomResizedCrop + flip; we train on cached tokens."""
+    [start, x_1..x_L], not the L target positions [start, x_1..x_{L-1}]. DiGIT's protocol (official
+    fairseq_user/image_generation_stage1/model_linearprobe.py), used for its released stage 1:
+    layers 0..depth-1 and last, fairseq's inner_states over the 257 positions [BOS, x_1..x_256].
+    DiGIT trains with SGD lr 0.4, momentum 0.9, RandomResizedCrop + flip; we train on cached
+    tokens."""
 
     def __init__(self, model, num_classes, layers=None, last=False):
         super().__init__()

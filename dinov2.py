@@ -187,7 +187,7 @@ class DINOv2(nn.Module):
         x: tokens (B, 1 + L, C) (cls + patches); w, h: x_img.shape[2], x_img.shape[3] (the
         official names; i.e. image height, width). Returns (1, 1 + L, C).
         Rule: unchanged if L == M*M and w == h; else bicubic with, if offset > 0,
-        scale_factor = ((w//p + offset)/M, (h//p + offset)/M) (older DINO trick; torch uses the
+        scale_factor = ((w//p + offset)/M, (h//p + offset)/M) (DINO v1's trick; torch uses the
         scale, not the size, for the sample positions), or size = (w//p, h//p) if offset == 0;
         antialias per config. Computed in fp32, cast to x.dtype. The cls position is kept."""
         L, N = x.shape[1] - 1, self.pos_embed.shape[1] - 1

@@ -44,7 +44,7 @@ def setup(device='', mps=True, tf32=False):
     return device, dist.get_rank(), dist.get_world_size()
 
 
-Run = namedtuple('Run', 'device rank world autocast')   # what a training piece knows of the run
+Run = namedtuple('Run', 'device rank world autocast')   # what a training task knows of the run
 
 
 def training_run(args):
@@ -71,9 +71,9 @@ def training_run(args):
 
 def cpu_has_native_bf16(cpuinfo='/proc/cpuinfo'):
     """Whether the CPU multiplies bf16 natively (avx512_bf16 or amx_bf16 among the flags of
-    Linux's cpuinfo); None where that file or its flags are absent (macOS, ARM). Measured on a
-    2-core VM, a tokenizer step under bf16 autocast: 1.5x faster than float32 with avx512_bf16,
-    2x slower on AVX-512 without it and 16x slower on AVX2 (oneDNN emulates bf16 there)."""
+    Linux's cpuinfo); None where that file or its flags are absent (macOS, ARM). Without native
+    bf16, oneDNN emulates it and bf16 autocast is slower than float32; with it, faster
+    (RESULTS.md)."""
     try:
         with open(cpuinfo) as f:
             flags = next((ln.split(':', 1)[1].split() for ln in f if ln.startswith('flags')),

@@ -188,8 +188,8 @@ def extract(model, batches, mode, device, total=None, desc='features'):
 def frechet_distance(mu1, sigma1, mu2, sigma2):
     """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr (S1 S2)^(1/2), float64, -> float. S1 S2 is similar
     to the PSD M = R S2 R with R = S1^(1/2), so tr (S1 S2)^(1/2) = sum_i sqrt(lambda_i(M)): two
-    symmetric eigendecompositions, real even for singular covariances (7x faster than scipy's
-    sqrtm at the same accuracy). Tiny negative eigenvalues are clamped to 0; the result is not."""
+    symmetric eigendecompositions, real even for singular covariances (faster than scipy's
+    sqrtm, at the same accuracy). Tiny negative eigenvalues are clamped to 0; the result is not."""
     mu1, mu2 = (torch.as_tensor(np.asarray(m), dtype=torch.float64) for m in (mu1, mu2))
     s1, s2 = (torch.as_tensor(np.asarray(s), dtype=torch.float64) for s in (sigma1, sigma2))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (len(mu1), len(mu1)):
@@ -354,18 +354,18 @@ class HeldOut:
                 save_stats(self.cache, self.ref, 'adm')
 
     @classmethod
-    def start(cls, n, data_key, cache_dir, val_set, device, print0):
+    def start(cls, n, data_key, cache_dir, val_set, device, master_print):
         """A HeldOut, or None (n = 0; no weights found: one line says so)."""
         try:
             path = find_weights() if n else None
         except SystemExit:
-            print0('FID off: no Inception weights ($FID_INCEPTION_WEIGHTS or the torch hub '
+            master_print('FID off: no Inception weights ($FID_INCEPTION_WEIGHTS or the torch hub '
                    'cache, as fid.py finds them); --fid_images 0 silences this line')
             return None
         if path is None:
             return None
         held_out = cls(load_inception(path, device), n, data_key, cache_dir, val_set)
-        print0(f'FID at every eval: {n} images vs {n} held-out ones (statistics '
+        master_print(f'FID at every eval: {n} images vs {n} held-out ones (statistics '
                f'{"read from" if held_out.cached else "cached in"} {held_out.cache}); '
                f'Inception {held_out.model.weights}')
         return held_out
@@ -384,7 +384,7 @@ class HeldOut:
         return frechet_distance(s['mu'], s['sigma'], self.ref['mu'], self.ref['sigma'])
 
 
-def main(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('samples', help='.npz of uint8 (N, H, W, 3) images as arr_0 (sample.py '
@@ -404,7 +404,11 @@ def main(argv=None):
     p.add_argument('--no_pr', action='store_true', help='skip precision/recall')
     p.add_argument('--save_stats', default='', help='write the samples\' statistics here')
     p.add_argument('--device', default='', help="'' = cuda, else mps, else cpu")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     args.device, rank, _ = dist.setup(args.device)  # torchrun: a contiguous share per rank
     main_rank = rank == 0
     for path in filter(None, (args.samples, args.reference)):   # fail before the weights load

@@ -30,15 +30,16 @@ from transformer import AdaLNBeforeHead, AdaLNBlock, Attention, MLP, sample
 # every block through VAR's AdaLNBlock (dropout then on the embeddings only). Our defaults are
 # GPT-2's (pre-LN, a final LN, as the paper says), ids 0..V-1, positions from 0, labels dropped
 # to the null class in training (CFG; DiGIT has none). post_ln, final_norm, embed_scale, gelu
-# and positions give fairseq's decoder (reference/digit_official.md 2.1): from_fairseq loads
-# DiGIT's released checkpoints into this class.
+# and positions give fairseq's TransformerDecoder as DiGIT's official stage 1 builds it
+# (fairseq_user/image_generation_stage1/model.py): from_fairseq loads DiGIT's released
+# checkpoints into this class.
 #
-# DiGIT's stage 2 (Sec. 4.3; reference/digit_official.md 2.4) is the same GPT with a source
-# prefix (source_vocab_size > 0): it renders pixels by predicting the VQ tokens x of a
-# single-scale VQVAE from the DiGIT token map s, p(x | s) = prod_t p(x_t | s, x_<t), over the
-# sequence [s_1..s_S, start, x_1..x_{L-1}] under ONE causal mask: as in the official code the
-# prefix is causal too (s_j sees s_<=j only, never a target). s has its own embedding table and
-# its own learnt positions (DiGIT's two position tables, both starting at 0); logits come only
+# DiGIT's stage 2 (Sec. 4.3; official fairseq_user/image_generation_stage2/model.py) is the
+# same GPT with a source prefix (source_vocab_size > 0): it renders pixels by predicting the VQ
+# tokens x of a single-scale VQVAE from the DiGIT token map s, p(x | s) = prod_t p(x_t | s, x_<t),
+# over the sequence [s_1..s_S, start, x_1..x_{L-1}] under ONE causal mask: as in the official code
+# the prefix is causal too (s_j sees s_<=j only, never a target). s has its own embedding table
+# and its own learnt positions (DiGIT's two position tables, both starting at 0); logits come only
 # from the L target positions. Official stage 2 is unconditional (num_classes = 0: start = BOS).
 
 @dataclass
@@ -272,11 +273,12 @@ class GPT(nn.Module):
         return model.eval()
 
 
-# DiGIT's released checkpoints are fairseq TransformerDecoders (reference/digit_official.md
-# 2.1, 2.4, 3). Their dictionaries start with fairseq's specials <s> <pad> </s> <unk> <n>, so
-# image token k is id k + 5; </s> (2) starts every sequence; stage 1's class c is id 8197 + c;
-# stage 2's one table holds its own dictionary (5 + 1024 VQ codes) then stage 1's (5 + 8192).
-# Positions start at 2 (fairseq's padding_idx + 1) in both of stage 2's position tables.
+# DiGIT's released checkpoints are fairseq TransformerDecoders (DiGIT's official code: the models
+# and dictionaries of fairseq_user/image_generation_stage{1,2}/model.py and task.py). Their
+# dictionaries start with fairseq's specials <s> <pad> </s> <unk> <n>, so image token k is id
+# k + 5; </s> (2) starts every sequence; stage 1's class c is id 8197 + c; stage 2's one table
+# holds its own dictionary (5 + 1024 VQ codes) then stage 1's (5 + 8192). Positions start at 2
+# (fairseq's padding_idx + 1) in both of stage 2's position tables.
 SPECIALS, EOS, FIRST_POSITION = 5, 2, 2
 
 

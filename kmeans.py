@@ -12,19 +12,19 @@ token is the index of its nearest centroid.
 
 DiGIT ran faiss.Kmeans(d, 8192, niter=20) (random init, 256 points per centroid, CPU) and released
 the centroids as `km_8k.npy`, float32 [K, D], the format of `save`/`load`. Deviations from faiss:
-greedy k-means++ init by default (about 15% lower inertia, shared/reference/kmeans_notes.md); an
+greedy k-means++ init by default (it reaches a lower inertia than random init, RESULTS.md); an
 empty cluster splits the largest one by an additive random perturbation (faiss: c (1 +- 1/1024)
 on a random donor); an optional relative-tolerance stop. As in faiss, n_iter iterations are n_iter
 assignment passes, `inertia_` that of the last (the centroids before the last update). Distances
-are fp32, TF32 off (bf16 mis-assigns about 10% of points). The data is not centred. Letters:
+are fp32, TF32 off (bf16 distances mis-assign points). The data is not centred. Letters:
 N points, D features, K centroids. Subsampling (as faiss) follows the KMeans class.
 
 The default trades init time for quality. Greedy k-means++ is K sequential steps over S points, L
-candidates each: sklearn's default has L = 2 + ln K and all N points, ours L = 2 (2 + ln K) and
-S = 64 K (K centroids) of the <= 256 K points kept. On a 60k x 96 mixture, K = 256, 2 threads
-(`bench.py --kmeans`, seeds 0-2), it ends 0.26% below sklearn's default inertia in 0.13x its time
-(old default, S = 16 K, L = 2 + ln K: 3.6% above). The price, at N = 256 K, D = 768, K = 1024: the
-init costs 17 assignment passes (old 3.5), so a 20-iteration fit takes 1.6x as long.
+candidates each, K L S D multiply-adds: sklearn's default has L = 2 + ln K and all N points, ours
+L = 2 (2 + ln K) and S = 64 K (K centroids) of the <= 256 K points kept. `bench.py --kmeans`
+compares the two defaults (RESULTS.md). An assignment pass is N K D multiply-adds, so the init
+does the work of L S / N passes: L / 4 at N = 256 K (K = 1024: L = 16, 4 passes), in K small
+sequential blocks that run slower per flop than the passes' large ones.
 
 Under torch.distributed every rank passes its own shard to `fit`; per-cluster sums and counts
 are all-reduced, so every rank holds identical centroids. Test: `python -m pytest test_all.py -k
@@ -54,7 +54,7 @@ def sq_dists(x, c, c_sq=None):
 
 
 def row_min(d, block=64):
-    """torch.min(d, 1) of d (n, K), first index on ties, 3x faster on CPU (only amin vectorises):
+    """torch.min(d, 1) of d (n, K), first index on ties, faster on CPU (only amin vectorises):
     amin of each run of `block` columns, argmin over runs, min in the winning run -> (n,), (n,)."""
     n, K = d.shape
     if K % block:
@@ -179,7 +179,7 @@ class KMeans:
     def _lloyd_pass(self, x, x_sq, c, labels, sums):
         """E-step on local rows x (n, D) (x_sq = ||x||^2) and M-step statistics over ranks: sums
         (K, D) float64 += the change of s_k = sum_{a(x)=k} x, from rows whose label is not `labels`
-        (None: all; ~1% late in a fit). -> labels (n,), n_k (K,), sse_k (K,), inertia (a float)."""
+        (None: all; few late in a fit). -> labels (n,), n_k (K,), sse_k (K,), inertia (a float)."""
         K, D = c.shape
         buf = torch.zeros(K * D + 2 * K + 1, dtype=torch.float64, device=x.device)  # one reduce
         delta, counts, sse = buf[:K * D].view(K, D), buf[K * D:-K - 1], buf[-K - 1:-1]
@@ -405,7 +405,7 @@ def no_tf32():
             setattr(obj, attr, old)
 
 
-def main(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description='Fit K-Means centroids to .npy feature shards (N, D). '
                                 'Under torchrun every rank reads files[rank::world].')
     p.add_argument('features', nargs='+', help='.npy files of (N_i, D) features (memory-mapped)')
@@ -418,6 +418,11 @@ def main(argv=None):
     p.add_argument('--seed', type=cli.nonneg_int, default=0)
     p.add_argument('--device', default='', help="'' = cuda if available, else cpu")
     p.add_argument('--out', default='km.npy', help='output centroids, float32 [K, D]')
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     shapes = [read_npy(f, 'features', 'r').shape for f in args.features]  # all files, every rank
     odd = [f'{f} {s}' for f, s in zip(args.features, shapes) if s[1] != shapes[0][1]]

@@ -1,6 +1,6 @@
 """
-The offline stand-in for DINOv2 in DiGIT's tokenizer (DESIGN: every DiGIT stage runs without
-downloads): a small ViT (dinov2.py's class) trained here, on the data itself, with a
+The offline stand-in for DINOv2 in DiGIT's tokenizer (it lets every DiGIT stage run offline,
+without downloads): a small ViT (dinov2.py's class) trained here, on the data itself, with a
 discriminative objective at the two levels DiGIT Table 4(a) finds to matter, global and patch:
 
     L = (InfoNCE(g1, g2) + InfoNCE(z1(p), z2)) / 2
@@ -10,7 +10,7 @@ projected patch features, z1(p) view 1's feature map sampled where view 2's patc
 tokenizer.py then clusters its block depth-3 features exactly as DiGIT clusters DINOv2's.
 A stand-in, not a reproduction: nothing pretrained, no teacher, no masking.
 
-    python train.py --model ssl                           # out/ssl/ckpt.pt, about 2.5 min on CPU
+    python train.py --model ssl                           # out/ssl/ckpt.pt, a few minutes on CPU
     python tokenizer.py fit --encoder out/ssl/ckpt.pt     # K-Means on its features
 Test: `python -m pytest test_all.py -k "contrastive or info_nce or views"`.
 """
@@ -95,9 +95,9 @@ def info_nce(a, b, temperature, mask=None):
 
 
 class ContrastiveViT(nn.Module):
-    """The offline stand-in for DINOv2 (DESIGN: every DiGIT stage runs without downloads): a small
-    ViT of this file's DINOv2 class trained on the data with a discriminative objective at the
-    two levels DiGIT Table 4(a) finds to matter, global and patch:
+    """The offline stand-in for DINOv2 (it lets every DiGIT stage run offline, without
+    downloads): a small ViT of dinov2.py's DINOv2 class trained on the data with a discriminative
+    objective at the two levels DiGIT Table 4(a) finds to matter, global and patch:
         L = (InfoNCE(g1, g2) + InfoNCE(z1(p), z2)) / 2
     g = head_global(cls token), z = head_patch(patch features), both unit-normalised; z1(p) is
     view 1's projected feature map sampled (bilinear) where view 2's patch centres lie, and only
@@ -116,7 +116,7 @@ class ContrastiveViT(nn.Module):
         self.head_global, self.head_patch = head(), head()
 
     def forward(self, img, generator=None):
-        """img (B, 3, H, W) in [-1, 1] -> loss, {'global', 'patch', 'acc_g', 'acc_p'}."""
+        """img (B, 3, H, W) in [-1, 1] -> loss, {'glob', 'patch', 'acc_g', 'acc_p'}."""
         cfg, B = self.config, img.shape[0]
         n = img.shape[-1] // cfg.patch_size
         views, scale, shift = random_views(img, cfg.min_scale, generator)
@@ -139,7 +139,7 @@ class ContrastiveViT(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# The piece of train.py: --model ssl
+# The task of train.py: --model ssl
 
 class Training:
     """--model ssl: the stand-in on the images; held-out InfoNCE and retrieval of the other view;

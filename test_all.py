@@ -1278,8 +1278,8 @@ def test_stability_cli_prints_table(tmp_path, capsys):
     table = tokenizer.main(['stability', '--tokenizer', str(tmp_path / 'tok.pt'), '--vae',
                             str(tmp_path / 'vae.pt'), '--images', '6'])
     out = capsys.readouterr().out
-    assert 'VQ token change' in out and 'Disc cos-sim' in out and '0.01' in out
-    assert set(table) == {'VQ', 'Disc'} and len(table['VQ']['change']) == 8
+    assert 'VQ token change' in out and 'DiGIT cos-sim' in out and '0.01' in out
+    assert set(table) == {'VQ', 'DiGIT'} and len(table['VQ']['change']) == 8
 
 
 TOKENIZER_DDP_WORKER = '''
@@ -2122,7 +2122,7 @@ def test_fairseq_stage1_gives_the_reference_decoders_logits_and_greedy_tokens(tm
     """DiGIT's stage 1 (post-LN, no final LN, x sqrt(C) embeddings, positions from 2, exact
     GELU), unconditional (</s> first) or class-conditional (class c = id 5 + V + c first),
     loaded from a fairseq-format fp16 file: logits = the reference's on the image tokens
-    (1e-4, fp32), over all 256 positions; greedy generation = the reference's argmax."""
+    (3e-4, fp32), over all 256 positions; greedy generation = the reference's argmax."""
     path = fairseq_file(tmp_path / 'checkpoint_stage1.pt', classes=classes)
     model = gpt.GPT.from_checkpoint(str(path), ['gpt'])
     c = model.config
@@ -2133,7 +2133,7 @@ def test_fairseq_stage1_gives_the_reference_decoders_logits_and_greedy_tokens(tm
     labels = torch.tensor([2, 0]) if classes else None
     first = 5 + FS_V + labels if classes else 2   # the class id, or </s>
     ref, _ = fairseq_decoder(sd, fs_ids(idx, first), FS_H, normalize_before=False)
-    assert (model(idx, labels) - ref[:, :256, 5:]).abs().max() < 1e-4
+    assert (model(idx, labels) - ref[:, :256, 5:]).abs().max() < 3e-4
     out = model.generate(labels if classes else torch.zeros(2).long(), num_tokens=12, top_k=1)
     ref, _ = fairseq_decoder(sd, fs_ids(out, first), FS_H, normalize_before=False)
     assert torch.equal(ref[:, :12, 5:].argmax(-1), out)
@@ -2624,15 +2624,15 @@ def test_train_divergence_skips_steps_stops_and_keeps_the_good_checkpoint(tmp_pa
 
 def test_checkpoint_refuses_to_save_non_finite_weights(tmp_path):
     model = torch.nn.Linear(2, 2)
-    s = dict(raw=model, ema=None, optimizer=torch.optim.SGD(model.parameters(), 0.1), disc=None,
-             disc_opt=None, scaler=torch.amp.GradScaler('cpu', enabled=False), step=5,
-             cursor=(0, 5), skipped=0)
+    state = dict(raw_model=model, ema=None, optimizer=torch.optim.SGD(model.parameters(), 0.1),
+                 disc=None, disc_opt=None, scaler=torch.amp.GradScaler('cpu', enabled=False),
+                 step=5, cursor=(0, 5), skipped=0)
     args = train.get_args(['--out_dir', str(tmp_path)])
-    checkpoint.save_run(str(tmp_path / 'ckpt.pt'), s, {}, args, (), [])
+    checkpoint.save_run(str(tmp_path / 'ckpt.pt'), state, {}, args, (), [])
     with torch.no_grad():
         model.weight[0, 0] = float('nan')
     with pytest.raises(SystemExit, match='weight is not finite'):
-        checkpoint.save_run(str(tmp_path / 'ckpt.pt'), s, {}, args, (), [])
+        checkpoint.save_run(str(tmp_path / 'ckpt.pt'), state, {}, args, (), [])
     assert torch.isfinite(ckpt_weights(tmp_path / 'ckpt.pt')['weight']).all()
 
 
@@ -3496,3 +3496,80 @@ def test_fid_non_finite_weights_or_features_are_an_error(calibrated_inception, t
     msg = str(e.value.code)
     assert 'NaN or inf' in msg and path in msg and '\n' not in msg
     assert ('Mixed_6b' if broken == 'nan_weight' else 'logits') in msg
+
+
+# --- README.md and RESULTS.md: every command line they show parses, every picture is there ---
+
+CLI_MODULES = {'train.py': train, 'sample.py': sample, 'fid.py': fid, 'tokenizer.py': tokenizer,
+               'kmeans.py': kmeans, 'bench.py': bench}
+
+
+def doc_commands(text):
+    """The command lines of a markdown text: its code blocks (continuation lines joined,
+    comments dropped, `NAME="..."` variables expanded, split at && ; |) and its inline code
+    spans, each as (script, argv) for the scripts of CLI_MODULES run by python or torchrun."""
+    lines, vars_ = [], {}
+    for i, block in enumerate(text.split('```')):
+        if i % 2 == 0:   # prose: the inline code spans
+            lines += [span for span in block.replace('\n', ' ').split('`')[1::2]]
+            continue
+        for line in block.replace('\\\n', ' ').splitlines()[1:]:
+            line = line.split(' #')[0].strip()
+            name, eq, value = line.partition('=')
+            if eq and name.isidentifier() and value[:1] == '"':
+                vars_[name] = value.strip('"')
+            else:
+                lines.append(line)
+    for line in lines:
+        for name, value in vars_.items():
+            line = line.replace(f'${name}', value)
+        for part in line.replace('&&', ';').replace('|', ';').split(';'):
+            words = part.split()
+            if words[:1] in (['python'], ['torchrun']):
+                script = next((w for w in words if w.endswith('.py')), None)
+                if script in CLI_MODULES:
+                    yield script, words[words.index(script) + 1:]
+
+
+@pytest.mark.parametrize('doc', ['README.md', 'RESULTS.md'])
+def test_docs_show_only_flags_their_scripts_have(doc, capsys):
+    """Every `python X.py ...` and `torchrun ... X.py ...` in the doc parses with X.py's own
+    parser (a renamed or removed flag, or a value of the wrong type, fails here)."""
+    with open(os.path.join(REPO, doc)) as f:
+        commands = list(doc_commands(f.read()))
+    assert len(commands) >= (20 if doc == 'README.md' else 5)
+    for script, argv in commands:
+        try:
+            CLI_MODULES[script].build_parser().parse_args(argv)
+        except SystemExit as e:
+            err = capsys.readouterr().err.strip().splitlines()
+            assert e.code == 0, f'{doc}: python {script} {" ".join(argv)}: {err[-1:]}'
+
+
+def test_doc_command_parser_sees_flags_it_should_refuse():
+    """The check above can fail: a made-up flag in a code block, a spliced variable or an
+    inline span is found and refused by the script's parser."""
+    text = ('run `python train.py --modle var` or\n```bash\nD="--no_such 1"\n'
+            'pip install x && python sample.py --ckpt a \\\n    --topk 3  # comment\n'
+            'torchrun --nproc_per_node=2 fid.py a b $D\n```\n')
+    commands = list(doc_commands(text))
+    assert commands == [('train.py', ['--modle', 'var']),
+                        ('sample.py', ['--ckpt', 'a', '--topk', '3']),
+                        ('fid.py', ['a', 'b', '--no_such', '1'])]
+    for script, argv in commands:
+        with pytest.raises(SystemExit) as e:
+            CLI_MODULES[script].build_parser().parse_args(argv)
+        assert e.value.code == 2
+
+
+def test_readme_pictures_exist_small_and_big_enough_to_see():
+    """Each picture the README shows is a committed PNG under 150 KB, at least 256 px wide."""
+    with open(os.path.join(REPO, 'README.md')) as f:
+        pictures = [line.split('](')[1].split(')')[0] for line in f if line.startswith('![')]
+    assert 3 <= len(pictures) <= 6
+    for path in pictures:
+        full = os.path.join(REPO, path)
+        assert os.path.isfile(full), f'README.md shows {path}, which is missing'
+        assert os.path.getsize(full) < 150_000, path
+        with Image.open(full) as im:
+            assert im.format == 'PNG' and im.width >= 256, (path, im.size)

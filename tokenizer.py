@@ -222,7 +222,7 @@ def vq_encoder(vae):
     return fn
 
 
-def disc_encoder(tok):
+def digit_encoder(tok):
     """(features, tokens) of a Tokenizer for stability(): (B, L, C) and (B, L)."""
     def fn(img):
         f = tok.features(img)
@@ -241,7 +241,7 @@ def image_batches(dataset, indices, batch_size, num_workers, desc, show):
         yield img
 
 
-def main(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest='command', required=True)
     f = sub.add_parser('fit', help='K-Means on encoder features -> a saved tokenizer')
@@ -259,6 +259,7 @@ def main(argv=None):
     f.add_argument('--n_iter', type=cli.nonneg_int, default=20,
                    help='Lloyd iterations (DiGIT: 20)')
     f.add_argument('--out', default='out/tokenizer/tokenizer.pt')
+    f.set_defaults(error=f.error)   # for flags that do not fit the encoder
     s = sub.add_parser('stability', help='DiGIT Table 1: token change and feature cosine '
                        'under pixel noise, VQVAE tokens vs discriminative tokens')
     s.add_argument('--tokenizer', default='out/tokenizer/tokenizer.pt')
@@ -273,11 +274,15 @@ def main(argv=None):
                        help='data loader processes')
         q.add_argument('--device', default='', help="'' = cuda if available, else cpu")
         q.add_argument('--seed', type=cli.nonneg_int, default=0)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     device, rank, world = dist.setup(args.device, mps=False)   # torchrun: a share per rank
     torch.manual_seed(args.seed)
     if args.command == 'fit':
-        result = fit_command(args, device, rank, world, f.error)
+        result = fit_command(args, device, rank, world, args.error)
     else:
         result = stability_command(args, device)
     dist.cleanup()
@@ -333,14 +338,14 @@ def stability_command(args, device):
     dataset = data.build_dataset(args.data, resolution, train=False, seed=args.seed)
     batches = image_batches(dataset, range(min(args.images, len(dataset))), args.batch_size,
                             args.num_workers, 'stability', True)
-    table = stability({'VQ': vq_encoder(vae), 'Disc': disc_encoder(tok)},
+    table = stability({'VQ': vq_encoder(vae), 'DiGIT': digit_encoder(tok)},
                       (b.to(device) for b in batches), seed=args.seed)
     print(f"\nlatent stability on {min(args.images, len(dataset))} held-out images of "
           f"{args.data} (DiGIT Table 1; SNR in dB, Gaussian pixel noise)")
-    print(f"{'SNR (dB)':34s}" + ''.join(f'{s:>7g}' for s in SNRS_DB))
+    print(f"{'SNR (dB)':36s}" + ''.join(f'{s:>7g}' for s in SNRS_DB))
     for metric, label in (('change', 'token change (lower: stabler)'), ('cos', 'cos-sim')):
         for name, r in table.items():
-            print(f'{name + " " + label:34s}' + ''.join(f'{v:7.3f}' for v in r[metric]))
+            print(f'{name + " " + label:36s}' + ''.join(f'{v:7.3f}' for v in r[metric]))
     return table
 
 

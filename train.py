@@ -1,8 +1,8 @@
 r"""
 The training loop every model of the repo shares, nanoGPT-sized: data, DDP, mixed precision,
 gradient accumulation, clipping, EMA, logs, validation, PNG grids, checkpoints and exact resume.
-It never names a model. `--model NAME` looks up the model's training piece in MODELS, and that
-piece lives beside its model:
+It never names a model. `--model NAME` looks up the model's training task in MODELS, and that
+task lives beside its model:
 
     --model vqvae    vqvae_train.Training  VAR's multi-scale VQVAE (vqvae.py), VQGAN-style losses
     --model var      var.Training          VAR on the tokens of a frozen VQVAE
@@ -11,8 +11,7 @@ piece lives beside its model:
     --model stage2   digit.Stage2Training  DiGIT's stage 2: DiGIT tokens -> VQ tokens
     --model probe    digit.ProbeTraining   DiGIT's linear probe of a frozen GPT (Table 2)
 
-A training piece is a small class; train.py uses exactly this of it:
-
+A training task is a small class; train.py uses exactly this of it:
     add_args(parser)          its flags, in an argument group of its own (a static method)
     defaults                  a dict: its values for shared flags left unset (its recipe)
     finish_args(args)         defaults derived from other flags, e.g. lr from the batch size
@@ -68,7 +67,7 @@ SHARED_DEFAULTS = dict(depth=16, total_batch_size=32, batch_size=32, max_iters=4
                        label_smooth=0.0, grad_clip=2.0, dropout=0.0)
 
 
-def get_args(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     g = p.add_argument_group('model (flags of one model are in its own group below)')
     g.add_argument('--model', choices=list(MODELS), default='vqvae', help='what to train')
@@ -83,16 +82,20 @@ def get_args(argv=None):
     g.add_argument('--top_k', type=nonneg_int, default=0, help='var, gpt, stage2: grids\' top-k')
     g.add_argument('--top_p', type=fraction, default=0.0, help="var, gpt: grids' top-p (0: "
                    "off; stage2: 0.8, DiGIT's)")
-    for piece in dict.fromkeys(MODELS.values()):
-        piece.add_args(p)
+    for task in dict.fromkeys(MODELS.values()):
+        task.add_args(p)
     add_shared_args(p)
-    args = p.parse_args(argv)
-    piece = MODELS[args.model]
+    return p
+
+
+def get_args(argv=None):
+    args = build_parser().parse_args(argv)
+    task = MODELS[args.model]
     args.out_dir = args.out_dir or os.path.join('out', args.model)
-    for k, v in {**SHARED_DEFAULTS, **piece.defaults}.items():
+    for k, v in {**SHARED_DEFAULTS, **task.defaults}.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    piece.finish_args(args)
+    task.finish_args(args)
     return args
 
 
@@ -170,7 +173,7 @@ def lr_at(step, args):
 
 def make_optimizer(model, args, no_decay_names=()):
     """AdamW; no weight decay on vectors (norms, biases) and on parameters whose name contains
-    one of no_decay_names (embeddings, positions, temperatures: the model piece's list)."""
+    one of no_decay_names (embeddings, positions, temperatures: the task's list)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -186,30 +189,29 @@ def make_optimizer(model, args, no_decay_names=()):
 # Validation and logs
 
 @torch.no_grad()
-def validate(model, piece, args, run, fid_ref=None):
-    """Every rank sums the piece's held-out sums over its slice of the first --eval_images
-    held-out items; the sums are all-reduced and divided by the item count (or turned into
-    figures by the piece's own figures(sums)). With fid_ref (fid.HeldOut), also the FID of the
-    piece's fid_images."""
+def validate(model, task, args, run, fid_ref=None):
+    """Every rank sums the task's held-out sums over its slice of the first --eval_images items;
+    the sums are all-reduced and divided by the item count (or made figures by the task's
+    figures(sums)). With fid_ref (fid.HeldOut), also the FID of the task's fid_images."""
     model.eval()
-    items, sums = range(run.rank, min(len(piece.val_set), args.eval_images), run.world), {}
-    for batch in torch.utils.data.DataLoader(torch.utils.data.Subset(piece.val_set, items),
+    items, sums = range(run.rank, min(len(task.val_set), args.eval_images), run.world), {}
+    for batch in torch.utils.data.DataLoader(torch.utils.data.Subset(task.val_set, items),
                                              args.batch_size, num_workers=args.num_workers):
-        if hasattr(piece, 'val_sums'):
-            batch_sums = piece.val_sums(model, batch)
+        if hasattr(task, 'val_sums'):
+            batch_sums = task.val_sums(model, batch)
         else:   # the loss's figures (batch means) times the batch size
             with run.autocast:
-                loss, parts = piece.loss(model, batch, None)
+                loss, parts = task.loss(model, batch, None)
             batch_sums = {**{k: v * len(batch[0]) for k, v in dict(parts, loss=loss).items()},
                           'n': torch.tensor(len(batch[0]))}
         for k, v in batch_sums.items():
             sums[k] = sums.get(k, 0.0) + v.to(run.device, torch.float32)
-    fid_value = fid_ref(lambda idx: piece.fid_images(model, idx)) if fid_ref else None
+    fid_value = fid_ref(lambda idx: task.fid_images(model, idx)) if fid_ref else None
     model.train()
     for v in sums.values() if run.world > 1 else ():
         torch.distributed.all_reduce(v)
-    if hasattr(piece, 'figures'):
-        out = piece.figures(sums)
+    if hasattr(task, 'figures'):
+        out = task.figures(sums)
     else:
         n = sums.pop('n').clamp_min(1)
         out = {k: (v / n).tolist() if v.ndim else (v / n).item() for k, v in sums.items()}
@@ -239,32 +241,32 @@ def log_means(sums, counts, steps, run):
 # ----------------------------------------------------------------------------------------------
 # The run: build, resume, loop, report
 
-def build(piece, args, run, ckpt, print0):
+def build(task, args, run, ckpt, master_print):
     """The run's state: the model, its EMA, optimizers, discriminator, resumed from ckpt."""
-    if ckpt is not None and ckpt['config'] != piece.config:
-        changed = {k: v for k, v in ckpt['config'].items() if piece.config.get(k) != v}
-        print0(f'architecture taken from the checkpoint, not the flags: {changed}')
-        piece.config = ckpt['config']
+    if ckpt is not None and ckpt['config'] != task.config:
+        changed = {k: v for k, v in ckpt['config'].items() if task.config.get(k) != v}
+        master_print(f'architecture taken from the checkpoint, not the flags: {changed}')
+        task.config = ckpt['config']
     torch.manual_seed(args.seed)   # same init on every rank
-    raw = piece.build().to(run.device)
-    print0(f'{args.model}: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters, '
-           f'{piece.config}')
-    ema = piece.build().to(run.device).requires_grad_(False) if args.ema > 0 else None
-    optimizer = make_optimizer(raw, args, piece.no_decay)
-    disc = piece.discriminator() if hasattr(piece, 'discriminator') else None
+    raw_model = task.build().to(run.device)
+    n_params = sum(p.numel() for p in raw_model.parameters())
+    master_print(f'{args.model}: {n_params / 1e6:.2f}M parameters, {task.config}')
+    ema = task.build().to(run.device).requires_grad_(False) if args.ema > 0 else None
+    optimizer = make_optimizer(raw_model, args, task.no_decay)
+    disc = task.discriminator() if hasattr(task, 'discriminator') else None
     disc_opt = make_optimizer(disc, args) if disc is not None else None
     scaler = torch.amp.GradScaler(torch.device(run.device).type, enabled=args.dtype == 'float16')
-    state = dict(raw=raw, ema=ema, optimizer=optimizer, disc=disc, disc_opt=disc_opt,
+    state = dict(raw_model=raw_model, ema=ema, optimizer=optimizer, disc=disc, disc_opt=disc_opt,
                  scaler=scaler, step=0, cursor=(0, 0), skipped=[])
     if ckpt is not None:
         checkpoint.restore(state, ckpt)
     elif ema is not None:
-        ema.load_state_dict(raw.state_dict())
-    state['bad'] = data.BadFiles(piece.train_set, state['skipped'])   # unreadable, by path
+        ema.load_state_dict(raw_model.state_dict())
+    state['bad'] = data.BadFiles(task.train_set, state['skipped'])   # unreadable, by path
     return state
 
 
-def datasets(args, run, print0):
+def datasets(args, run, master_print):
     """The training and held-out images (data.py), and the accumulation steps of a step."""
     accum, rem = divmod(args.total_batch_size, args.batch_size * run.world)
     if rem or not accum:
@@ -275,42 +277,43 @@ def datasets(args, run, print0):
     train_set = data.build_dataset(args.data, args.resolution, True, args.hflip, args.seed,
                                    size=args.train_images or None)
     val_set = data.build_dataset(args.data, args.resolution, False, seed=args.seed)
-    print0(f'data: {len(train_set)} train / {len(val_set)} val images, '
-           f'{train_set.num_classes} classes; {run.world} process(es) x {args.batch_size} x '
-           f'{accum} accumulation = {args.total_batch_size} images per step; device '
-           f'{run.device} {args.dtype}')
+    master_print(f'data: {len(train_set)} train / {len(val_set)} val images, '
+                 f'{train_set.num_classes} classes; {args.total_batch_size} images a step = '
+                 f'{run.world} process(es) x {args.batch_size} x {accum} accumulation; device '
+                 f'{run.device} {args.dtype}')
     return train_set, val_set, accum
 
 
-def train_step(model, disc, piece, batches, s, args, run, accum, lr, sums):
+def train_step(model, disc, task, batches, state, args, run, accum, lr, sums):
     """One optimizer step at learning rate lr over accum micro-batches: forward and backward of
-    the piece's loss (gradients all-reduced on the last micro-batch only), its discriminator's,
+    the task's loss (gradients all-reduced on the last micro-batch only), its discriminator's,
     clipping, AdamW, EMA; figures added to sums. A step whose loss or gradient norm is not
     finite is skipped whole. Returns the last micro-batch and whether the step was taken."""
-    step, scaler, before = s['step'], s['scaler'], dict(sums)
-    for opt in (s['optimizer'], s['disc_opt']):
+    step, scaler, before = state['step'], state['scaler'], dict(sums)
+    for opt in (state['optimizer'], state['disc_opt']):
         for group in (opt.param_groups if opt is not None else []):
             group['lr'] = lr
     finite = torch.ones((), dtype=torch.int32, device=run.device)   # 0 once anything is not
     for micro in range(accum):
-        s['cursor'], batch = next(batches)
-        s['bad'].update(batch[2])   # the unreadable files met: counted once each, by path
+        state['cursor'], batch = next(batches)
+        state['bad'].update(batch[2])   # the unreadable files met: counted once each, by path
         sync = micro == accum - 1   # important! all-reduce gradients on the last micro-step
         with model.no_sync() if run.world > 1 and not sync else nullcontext():
             with run.autocast:
-                loss, parts = piece.loss(model, batch, step)
+                loss, parts = task.loss(model, batch, step)
             scaler.scale(loss / accum).backward()
         if disc is not None:
             with disc.no_sync() if run.world > 1 and not sync else nullcontext():
                 with run.autocast:
-                    d_loss = piece.disc_loss(disc, step)   # None before the GAN starts
+                    d_loss = task.disc_loss(disc, step)   # None before the GAN starts
                 if d_loss is not None:
                     scaler.scale(d_loss / accum).backward()
                     parts['d'] = d_loss.detach()
         for k, v in dict(parts, loss=loss.detach()).items():
             sums[k] = sums.get(k, 0.0) + v.float() / accum
         finite &= torch.isfinite(loss.detach()).int()
-    stepped = [(opt, net) for opt, net in ((s['optimizer'], s['raw']), (s['disc_opt'], s['disc']))
+    nets = ((state['optimizer'], state['raw_model']), (state['disc_opt'], state['disc']))
+    stepped = [(opt, net) for opt, net in nets
                if opt is not None and any(p.grad is not None for p in net.parameters())]
     for opt, net in stepped:
         scaler.unscale_(opt)   # the norm: clipped at --grad_clip, or only measured (inf)
@@ -329,8 +332,9 @@ def train_step(model, disc, piece, batches, s, args, run, accum, lr, sums):
         sums.clear()
         sums.update(before)
         return batch, False
-    if s['ema'] is not None:
-        for e, p in zip(s['ema'].state_dict().values(), s['raw'].state_dict().values()):
+    if state['ema'] is not None:
+        weights = state['raw_model'].state_dict().values()
+        for e, p in zip(state['ema'].state_dict().values(), weights):
             e.lerp_(p, 1 - args.ema) if e.is_floating_point() else e.copy_(p)
     return batch, True
 
@@ -338,60 +342,60 @@ def train_step(model, disc, piece, batches, s, args, run, accum, lr, sums):
 def main(args):
     run = dist.training_run(args)
     with checkpoint.OutDirLock(args.out_dir) if run.rank == 0 else nullcontext():
-        raw = fit(args, run)
+        raw_model = fit(args, run)
     dist.cleanup()
-    return raw
+    return raw_model
 
 
 def fit(args, run):
     """Build, resume, train to --max_iters (or --stop_after more steps), report."""
     master = run.rank == 0
-    print0 = print if master else (lambda *a, **k: None)
-    train_set, val_set, accum = datasets(args, run, print0)
+    master_print = print if master else (lambda *a, **k: None)
+    train_set, val_set, accum = datasets(args, run, master_print)
     ckpt_path = os.path.join(args.out_dir, 'ckpt.pt')
-    ckpt = checkpoint.to_resume(ckpt_path, args, MODELS[args.model].frozen, print0)
-    piece = MODELS[args.model](args, train_set, val_set, run)
-    s = build(piece, args, run, ckpt, print0)
-    raw, ema, disc = s['raw'], s['ema'], s['disc']
-    model = torch.compile(raw) if args.compile else raw   # compiles at the first step
+    ckpt = checkpoint.to_resume(ckpt_path, args, MODELS[args.model].frozen, master_print)
+    task = MODELS[args.model](args, train_set, val_set, run)
+    state = build(task, args, run, ckpt, master_print)
+    raw_model, ema, disc = state['raw_model'], state['ema'], state['disc']
+    model = torch.compile(raw_model) if args.compile else raw_model   # compiles at the first step
     if run.world > 1:
         model = DDP(model, device_ids=[int(os.environ['LOCAL_RANK'])]
                     if run.device.startswith('cuda') else None)
         disc = DDP(disc) if disc is not None else None
-    eval_model = ema if ema is not None else raw   # validation and pictures use the EMA
-    fid_ref = held_out_fid(piece, val_set, args, run, print0)
+    eval_model = ema if ema is not None else raw_model   # validation and pictures use the EMA
+    fid_ref = held_out_fid(task, val_set, args, run, master_print)
     log_path = os.path.join(args.out_dir, 'log.txt')
-    log = lambda line: append_log(line, log_path if master else None)
-    batches = data.endless_batches(piece.train_set, args.batch_size, args.num_workers, run.rank,
-                                   run.world, args.seed, *s['cursor'],
+    log = lambda line: checkpoint.append_log(line, log_path if master else None)
+    batches = data.endless_batches(task.train_set, args.batch_size, args.num_workers, run.rank,
+                                   run.world, args.seed, *state['cursor'],
                                    pin_memory=run.device.startswith('cuda'))
-    start = last_log = s['step']
+    start = last_log = state['step']
     sums, counts, t0, bad_in_a_row = {}, {}, time.time(), 0
     bar = tqdm(total=args.max_iters, initial=start, disable=not master, dynamic_ncols=True)
-    while s['step'] < args.max_iters:
-        step = s['step']
+    while state['step'] < args.max_iters:
+        step = state['step']
         torch.manual_seed(args.seed * 1_000_003 + run.rank * 10_007 + step)  # resumable RNG
         lr = lr_at(step, args)
-        batch, ok = train_step(model, disc, piece, batches, s, args, run, accum, lr, sums)
-        step = s['step'] = step + 1
+        batch, ok = train_step(model, disc, task, batches, state, args, run, accum, lr, sums)
+        step = state['step'] = step + 1
         bar.update(1)
         bad_in_a_row = 0 if ok else bad_in_a_row + 1
         if not ok:
             counts['skipped_steps'] = counts.get('skipped_steps', 0.0) + torch.tensor(1.0)
             if bad_in_a_row >= args.max_bad_steps:
                 bar.close()
-                raise SystemExit(f'stopping at step {step}: the loss or gradient was not finite '
-                                 f'in the last {bad_in_a_row} steps (each skipped: the weights '
-                                 f'are those of the last good step; {ckpt_path} is the last '
-                                 f'checkpoint). Lower --lr (now {args.lr:g}), then rerun.')
-        elif hasattr(piece, 'after_step'):
-            for k, v in piece.after_step(raw, batch, step).items():
+                raise SystemExit(f'stopping at step {step}: the loss or gradient was not '
+                                 f'finite in the last {bad_in_a_row} steps (each skipped; '
+                                 f'{ckpt_path} is the last checkpoint). Lower --lr (now '
+                                 f'{args.lr:g}), then rerun.')
+        elif hasattr(task, 'after_step'):
+            for k, v in task.after_step(raw_model, batch, step).items():
                 counts[k] = counts.get(k, 0.0) + torch.tensor(float(v))
         if step % args.log_every == 0 or step == args.max_iters:
             mean = log_means(sums, counts, step - last_log, run)
-            n_bad = len(s['bad'].sync())   # all ranks' files (every rank logs: a collective)
-            if hasattr(piece, 'log_extras'):
-                mean.update(piece.log_extras(raw))
+            n_bad = len(state['bad'].sync())   # all ranks' files (every rank logs: a collective)
+            if hasattr(task, 'log_extras'):
+                mean.update(task.log_extras(raw_model))
             log(f'step {step} {format_stats(mean)} lr {lr:.3g} '
                 f'ms/step {(time.time() - t0) / (step - last_log) * 1000:.0f}'
                 + (f' skipped_files {n_bad}' if n_bad else ''))
@@ -399,54 +403,46 @@ def fit(args, run):
             sums, counts, t0, last_log = {}, {}, time.time(), step
         last = step == args.max_iters or (args.stop_after and step - start >= args.stop_after)
         if step % args.eval_every == 0 or last:
-            held_out = validate(eval_model, piece, args, run, fid_ref)
+            held_out = validate(eval_model, task, args, run, fid_ref)
             log(f'eval {step} {format_stats(held_out)}')
-        if master and piece.picture_name and (step % args.sample_every == 0 or last):
-            piece.picture(eval_model, os.path.join(args.out_dir,
-                                                   f'{piece.picture_name}_{step:06d}.png'))
+        if master and task.picture_name and (step % args.sample_every == 0 or last):
+            task.picture(eval_model, os.path.join(args.out_dir,
+                                                  f'{task.picture_name}_{step:06d}.png'))
         if step % args.save_every == 0 or last:
-            s['skipped'] = s['bad'].sync()   # all ranks' files, saved as a list of paths
+            state['skipped'] = state['bad'].sync()   # all ranks' files, saved as a list of paths
             if master:
-                checkpoint.save_run(ckpt_path, s, piece.config, args, piece.frozen,
+                checkpoint.save_run(ckpt_path, state, task.config, args, task.frozen,
                                     train_set.class_names)
             dist.barrier()
         if last:
             break
     bar.close()
-    if s['step'] == start:   # already done: report the finished run again
-        held_out = validate(eval_model, piece, args, run)
+    if state['step'] == start:   # already done: report the finished run again
+        held_out = validate(eval_model, task, args, run)
     if master:
-        report(piece, held_out, fid_ref, args, s, ckpt_path, log_path)
-    return raw
+        report(task, held_out, fid_ref, args, state, ckpt_path, log_path)
+    return raw_model
 
 
-def held_out_fid(piece, val_set, args, run, print0):
+def held_out_fid(task, val_set, args, run, master_print):
     """fid.HeldOut of the first --fid_images held-out images (statistics cached beside
-    --out_dir) if the piece makes images: fid_images(model, indices) -> (b, 3, H, W)."""
-    n = min(args.fid_images, len(val_set)) if hasattr(piece, 'fid_images') else 0
+    --out_dir) if the task makes images: fid_images(model, indices) -> (b, 3, H, W)."""
+    n = min(args.fid_images, len(val_set)) if hasattr(task, 'fid_images') else 0
     key = (os.path.abspath(args.data), args.resolution, len(val_set), args.seed)
-    cache = os.path.join(os.path.dirname(os.path.abspath(args.out_dir)), 'fid_stats')
-    return fid.HeldOut.start(n, key, cache, val_set, run.device, print0)
+    cache = os.path.join(os.path.dirname(os.path.abspath(args.out_dir)), 'fid_stats')   # shared
+    return fid.HeldOut.start(n, key, cache, val_set, run.device, master_print)
 
 
-def append_log(line, path):
-    """Print a log line and append it to path; path None (ranks > 0): nothing."""
-    if path is not None:
-        print(line)
-        with open(path, 'a') as f:
-            print(line, file=f)
-
-
-def report(piece, held_out, fid_ref, args, s, ckpt_path, log_path):
-    """The final held-out figures (the piece's summary, FID over fid_ref.n images) and where
+def report(task, held_out, fid_ref, args, state, ckpt_path, log_path):
+    """The final held-out figures (the task's summary, FID over fid_ref.n images) and where
     the results are."""
-    step, name = s['step'], piece.picture_name
-    print('\n' + piece.summary(held_out, step))
+    step, name, bad = state['step'], task.picture_name, state['bad'].paths
+    print('\n' + task.summary(held_out, step))
     if 'fid' in held_out:
         print(f"FID {held_out['fid']:.2f} ({fid_ref.n} images vs {fid_ref.n} held-out ones)")
     picture = os.path.join(args.out_dir, f'{name}_{step:06d}.png')
     print(f'checkpoint {ckpt_path}\n' + (f'{name} {picture}\n' if name else '') + f'log {log_path}'
-          + (f"\n{len(s['bad'].paths)} unreadable files were skipped" if s['bad'].paths else ''))
+          + (f'\n{len(bad)} unreadable files were skipped' if bad else ''))
 
 
 if __name__ == '__main__':

@@ -268,7 +268,7 @@ def kept_positions(mask, pn):
 
 
 # ----------------------------------------------------------------------------------------------
-# The piece of train.py: --model var
+# The task of train.py: --model var
 
 class Training:
     """--model var: VAR on the tokens of a frozen VQVAE (--vae), tokenized once and cached;

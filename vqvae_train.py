@@ -1,6 +1,6 @@
 """
 Training VAR's multi-scale VQVAE (vqvae.py), the part the official VAR code never released:
-the loss VQGAN made standard (Esser et al. 2021), the codebook kept alive, and the piece of
+the loss VQGAN made standard (Esser et al. 2021), the codebook kept alive, and the task of
 `train.py --model vqvae`.
 
     loss = l1 |x - x_hat| + l2 (x - x_hat)^2 + L_vq (VAR Eq. 5) [+ w_lpips LPIPS(x, x_hat)]
@@ -142,7 +142,7 @@ def reseed_dead_codes(quantize, f):
 
 
 # ----------------------------------------------------------------------------------------------
-# The piece of train.py: --model vqvae
+# The task of train.py: --model vqvae
 
 # Architecture presets; any flag given on the command line overrides its preset value.
 PRESETS = {
