@@ -35,10 +35,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import cli
 import inception
 import kmeans
 import var
 import vqvae
+from cli import UserError
 
 PEAK_BF16 = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12}   # dense tensor-core FLOP/s
 
@@ -123,8 +125,8 @@ def load_official(path, vae, model, device):
     name ours has too), it needs huggingface_hub (only for VARHF; a stub when absent), and
     build_vae_var switches nn init off for the whole process."""
     if not os.path.isfile(os.path.join(path, 'models', 'var.py')):
-        raise SystemExit(f'--official {path}: not a FoundationVision/VAR checkout '
-                         '(no models/var.py)')
+        raise UserError(f'--official {path}: not a FoundationVision/VAR checkout '
+                      '(no models/var.py)')
     theirs = ('dist', 'models', 'huggingface_hub')   # top-level names it brings or shadows
     saved = {n: m for n, m in sys.modules.items() if n.split('.')[0] in theirs}
     for name in saved:
@@ -159,7 +161,7 @@ def bench_gpu(args):
     """python bench.py --gpu (see the top of the file): VAR-d16 at 256 px, random weights, on
     one CUDA GPU; ratios are against the official model when it is there, else the first row."""
     if not torch.cuda.is_available():
-        raise SystemExit('--gpu needs a CUDA device (torch.cuda.is_available() is False)')
+        raise UserError('--gpu needs a CUDA device (torch.cuda.is_available() is False)')
     vae, model = build(16, 'cuda', tiny=False)
     ref = load_official(args.official, vae, model, 'cuda') if args.official else None
     B, n_params = args.batch or 32, sum(p.numel() for p in model.parameters())
@@ -452,4 +454,4 @@ def build_parser():
 
 
 if __name__ == '__main__':
-    main(build_parser().parse_args())
+    cli.run(lambda: main(build_parser().parse_args()))

@@ -1,9 +1,10 @@
 """
 Files a run cannot afford to lose or to misread: checkpoints, token caches, tokenizers.
 
-    save(obj, path)        torch.save through a temporary file of this process alone, then an
-                           atomic rename: a crash, a full disk or a second writer never leaves a
-                           half-written file under `path`, and no temporary file stays behind
+    atomic_path(path)      every file the project writes goes through it: a temporary file of
+                           this process, then an atomic rename; a crash, a full disk or a
+                           second writer never leaves a half-written file under `path`
+    save(obj, path)        torch.save through atomic_path
     load(path, what)       torch.load(weights_only=True): no pickle can run code; a missing,
                            empty, truncated or foreign file is one line naming it, never a
                            torch traceback. foreign=True also reads DiGIT's released fairseq
@@ -12,69 +13,121 @@ Files a run cannot afford to lose or to misread: checkpoints, token caches, toke
     OutDirLock(out_dir)    one trainer per output folder: a lock file holding the owner's pid
                            and host; a lock whose process has died is taken over
 
-Errors a user can fix are raised as SystemExit(message): the command line prints the message
+Errors a user can fix are raised as cli.UserError(message): the command prints the message
 and exits with status 1, without a traceback.
 """
 import collections
 import errno
 import os
 import pickle
+import re
 import socket
+from contextlib import contextmanager, suppress
 
 import torch
 
+import cli
+from cli import UserError
 
-def save(obj, path):
-    """torch.save to `path` atomically (a temporary file of this process, then os.replace)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+@contextmanager
+def atomic_path(path):
+    """Yields a temporary path beside `path` for the caller to write; renamed over `path` when
+    the block ends well, removed when it does not. A symbolic link at `path` is refused, and a
+    full disk or a folder that cannot be written is a UserError naming `path`: the previous file
+    is intact either way."""
+    if os.path.islink(path):
+        raise UserError(f'{path} is a symbolic link: refused (write to a real file)')
+    folder = os.path.dirname(os.path.abspath(path))
     tmp = f'{path}.tmp{os.getpid()}'
     try:
-        torch.save(obj, tmp)
+        os.makedirs(folder, exist_ok=True)
+        yield tmp
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        with suppress(OSError):
             os.remove(tmp)
         if _is_disk_full(e):
-            raise SystemExit(f'disk full while writing {path}: the previous file is intact; '
-                             'free some space and rerun') from None
+            raise UserError(f'disk full while writing {path}: the previous file is intact; '
+                            'free some space and rerun') from None
+        if isinstance(e, OSError):
+            raise UserError(f'cannot write {cli.os_error_line(e, path)}; the previous file '
+                            'is intact') from None
         raise
 
 
+def save(obj, path):
+    """torch.save to `path` atomically (atomic_path)."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def remove_stale_temporaries(folder):
+    """Remove the temporary files atomic_path left in `folder` when its process was killed
+    (`NAME.tmp<pid>` of a pid that is no longer running on this host)."""
+    for name in os.listdir(folder) if os.path.isdir(folder) else ():
+        pid = re.fullmatch(r'.+\.tmp(\d+)', name)
+        if pid and not _alive(int(pid.group(1))):
+            with suppress(OSError):
+                os.remove(os.path.join(folder, name))
+
+
+def _alive(pid):
+    """Whether a process of this host has that pid (one of another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return pid < 2 ** 31
+    return True
+
+
 def append_log(line, path):
-    """Print a log line and append it to path; path None (ranks > 0): nothing."""
+    """Print a log line and append it to path (never through a symbolic link); path None
+    (ranks > 0): nothing."""
     if path is not None:
         print(line)
-        with open(path, 'a') as f:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise UserError(f'{path} is a symbolic link: refused (the log is written to a '
+                                'real file)') from None
+            raise UserError(f'cannot write the log {cli.os_error_line(e, path)}') from None
+        with os.fdopen(fd, 'a') as f:
             print(line, file=f)
 
 
 def _is_disk_full(e):
-    return getattr(e, 'errno', None) in (errno.ENOSPC, errno.EDQUOT) or \
-        'No space left' in str(e) or 'file write failed' in str(e)
+    """ENOSPC / EDQUOT, or torch.save's messages for them (its zip writer's failed writes)."""
+    text = str(e)
+    return getattr(e, 'errno', None) in (errno.ENOSPC, errno.EDQUOT) or 'No space left' in text \
+        or 'file write failed' in text or ('inline_container' in text and 'unexpected pos' in text)
 
 
 def load(path, what='checkpoint', foreign=False):
-    """torch.load(path, weights_only=True) on the CPU, or SystemExit with one line that names
+    """torch.load(path, weights_only=True) on the CPU, or a UserError with one line that names
     the file and says what is wrong with it. foreign: also allow FOREIGN's names (fairseq's
     cfg and args), and a fairseq file's cfg and args come back as plain dicts."""
     if not os.path.exists(path):
-        raise SystemExit(f'{what} {path} not found')
+        raise UserError(f'{what} {path} not found')
     if os.path.isdir(path):
-        raise SystemExit(f'{what} {path} is a folder, not a file')
+        raise UserError(f'{what} {path} is a folder, not a file')
     if os.path.getsize(path) == 0:
-        raise SystemExit(f'{what} {path} is empty (0 bytes): an interrupted copy or save?')
+        raise UserError(f'{what} {path} is empty (0 bytes): an interrupted copy or save?')
     try:
         with torch.serialization.safe_globals(FOREIGN if foreign else []):
             obj = torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
         found = [ln.strip() for ln in str(e).splitlines() if 'GLOBAL' in ln]
         if found:   # a class or function outside weights_only's allow-list: never run
-            raise SystemExit(f'{what} {path} holds objects other than tensors and plain '
+            raise UserError(f'{what} {path} holds objects other than tensors and plain '
                              f'containers, refused for safety ({found[0][:150]})') from None
-        raise SystemExit(f'{what} {path} is not a torch file (not a zip archive nor a '
+        raise UserError(f'{what} {path} is not a torch file (not a zip archive nor a '
                          'pickle of tensors)') from None
     except Exception as e:  # weights_only runs no code: any other failure is a corrupt file
-        raise SystemExit(f'{what} {path} is not a readable torch file (truncated or corrupt?): '
+        raise UserError(f'{what} {path} is not a readable torch file (truncated or corrupt?): '
                          f'{_first_line(e)}') from None
     if foreign and is_fairseq(obj):
         obj.update({k: plain(obj[k]) for k in ('cfg', 'args') if k in obj})
@@ -143,21 +196,31 @@ class OutDirLock:
         self.mine = f'{os.getpid()} {socket.gethostname()}'
 
     def __enter__(self):
+        try:
+            return self._take()
+        except OSError as e:   # out_dir is a file, read-only, or on a full disk
+            with suppress(OSError):
+                self.__exit__()
+            raise UserError(f'--out_dir {os.path.dirname(self.path)}: cannot write its lock '
+                            f'({cli.os_error_line(e, self.path)})') from None
+
+    def _take(self):
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         for _ in range(2):
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW)
             except FileExistsError:
                 if not self._stale():
-                    raise SystemExit(f'{os.path.dirname(self.path)} is in use by another trainer '
-                                     f'(pid and host in {self.path}: {self._owner()}); choose '
-                                     'another --out_dir, or delete the lock if that run is gone')
+                    raise UserError(f'{os.path.dirname(self.path)} is in use by another trainer '
+                                    f'(pid and host in {self.path}: {self._owner()}); choose '
+                                    'another --out_dir, or delete the lock if that run is gone')
                 os.remove(self.path)
                 continue
             with os.fdopen(fd, 'w') as f:
                 f.write(self.mine + '\n')
+            remove_stale_temporaries(os.path.dirname(self.path))   # the folder is ours now
             return self
-        raise SystemExit(f'could not take the lock {self.path}')
+        raise UserError(f'could not take the lock {self.path}')
 
     def __exit__(self, *exc):
         if self._owner() == self.mine:
@@ -175,21 +238,13 @@ class OutDirLock:
         pid, _, host = self._owner().partition(' ')
         if not pid:   # empty: its writer died between creating and writing it
             return True
-        if host != socket.gethostname() or not pid.isdigit():
-            return False
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
+        return host == socket.gethostname() and pid.isdigit() and not _alive(int(pid))
 
 
 # ----------------------------------------------------------------------------------------------
 # train.py's checkpoint: one dict of plain types and tensors (`kind`, `config`, `model`, `ema`,
-# `optimizer`, `step`, `data_cursor`, `args`, the frozen inputs' flags, ...). The run's state s
-# holds raw, ema, optimizer, disc, disc_opt, scaler, step, cursor, skipped.
+# `optimizer`, `step`, `data_cursor`, `args`, the frozen inputs' flags, ...). The run's state
+# (train.build) holds raw_model, ema, optimizer, disc, disc_opt, scaler, step, cursor, skipped.
 
 # flags that choose the data: a run cannot resume with others
 DATA_FLAGS = ('data', 'resolution', 'train_images')
@@ -202,13 +257,13 @@ def to_resume(path, args, frozen, master_print):
         return None
     ckpt = load(path)
     if ckpt.get('kind') != args.model:
-        raise SystemExit(f"{path} holds a {ckpt.get('kind')} run, not {args.model}: "
+        raise UserError(f"{path} holds a {ckpt.get('kind')} run, not {args.model}: "
                          'choose another --out_dir or pass --resume never')
     before = ckpt.get('args', {})
     changed = [f'--{k} {before[k]} (now {getattr(args, k)})' for k in (*DATA_FLAGS, *frozen)
                if k in before and before[k] != getattr(args, k)]
     if changed:
-        raise SystemExit(f"{path} was trained with {', '.join(changed)}: resuming would train "
+        raise UserError(f"{path} was trained with {', '.join(changed)}: resuming would train "
                          'on other data; rerun with the same flags, or pass --resume never or '
                          'another --out_dir')
     master_print(f'resuming from {path} at step {ckpt["step"]}')
@@ -221,7 +276,7 @@ def save_run(path, state, config, args, frozen, class_names):
     model, disc = state['raw_model'], state['disc']
     for name, t in model.named_parameters():   # buffers may hold -inf (attention masks)
         if not torch.isfinite(t).all():
-            raise SystemExit(f"not saving {path}: {name} is not finite at step {state['step']}; "
+            raise UserError(f"not saving {path}: {name} is not finite at step {state['step']}; "
                              'the previous checkpoint is kept. Lower --lr and rerun to resume.')
     save(dict(
         kind=args.model, config=config, model=model.state_dict(),

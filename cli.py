@@ -1,13 +1,46 @@
 """
-Value types for the command lines of train.py, sample.py, fid.py, tokenizer.py and kmeans.py:
-each checks its range, so a mistyped flag is argparse's usage line and one error naming the flag
-(exit status 2), never a traceback deep in the code.
+What every command line (train.py, sample.py, fid.py, tokenizer.py, kmeans.py, bench.py) shares:
+value types that check their range, so a mistyped flag is argparse's usage line and one error
+naming the flag (exit status 2), and the error boundary, so a user's mistake is one line naming
+the flag or the file (exit status 1), never a traceback deep in the code.
 
     p.add_argument('--batch_size', type=cli.positive_int)      # error: argument --batch_size:
     p.add_argument('--top_p', type=cli.fraction)               #   0 is not a positive integer
+    raise cli.UserError(f'--vae {path} not found: ...')         # anywhere below main()
+    if __name__ == '__main__':
+        cli.run(lambda: main(get_args()))                       # the boundary, once per command
 """
 import argparse
+import errno
 import math
+import sys
+
+
+class UserError(SystemExit):
+    """A mistake the user can fix, raised with one line that names the flag or the file. As a
+    SystemExit it ends the command with that line on stderr and exit status 1 wherever it is
+    raised; nothing between the raise and the top catches it."""
+
+
+def run(main):
+    """The error boundary of a command: main() runs; a UserError, an OSError (a file that
+    cannot be read or written: it names the file) or Ctrl-C ends the command with one line on
+    stderr, exit status 1 (130 for Ctrl-C). Any other exception keeps its traceback: a bug."""
+    try:
+        return main()
+    except KeyboardInterrupt:
+        print('interrupted', file=sys.stderr)
+        sys.exit(130)
+    except OSError as e:
+        sys.exit(os_error_line(e))
+
+
+def os_error_line(e, path=None):
+    """'PATH: No space left on device (free some space and rerun)'-like line of an OSError."""
+    path = path or e.filename
+    hint = {errno.ENOSPC: ' (free some space and rerun)', errno.EDQUOT: ' (over the disk quota)',
+            errno.EROFS: ' (a read-only file system)'}.get(e.errno, '')
+    return f'{path}: {e.strerror or e}{hint}' if path else f'{e.strerror or e}{hint}'
 
 
 def number(kind, check, what):

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 import checkpoint
 import dist
+from cli import UserError
 
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm',
                   '.pgm')
@@ -94,7 +95,7 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def __init__(self, root, resolution, train=True, hflip=False, mid_reso=1.125, exclude=()):
         if not os.path.isdir(root):
-            raise SystemExit(f'image folder not found: {root}')
+            raise UserError(f'image folder not found: {root}')
         assert mid_reso >= 1, 'the resized image must cover the crop'
         self.root, self.resolution, self.train, self.hflip = root, resolution, train, hflip
         self.mid_size = round(mid_reso * resolution)  # shorter side before cropping (288 for 256)
@@ -115,7 +116,7 @@ class ImageFolder(torch.utils.data.Dataset):
         if empty:  # kept as classes: the labels follow the sorted folder names
             warnings.warn(f'{root}: class folders without images (still classes): {empty}')
         if not self.samples:
-            raise SystemExit(f'no images found in {root} (looked for {IMG_EXTENSIONS})')
+            raise UserError(f'no images found in {root} (looked for {IMG_EXTENSIONS})')
 
     def __len__(self):
         return len(self.samples)
@@ -299,17 +300,17 @@ def build_dataset(data, resolution, train, hflip=False, seed=0, size=None):
         size = size or (10000 if train else 1000)
         return ProceduralDataset(size, resolution, seed=seed if train else seed + 1)
     if not os.path.isdir(data):
-        raise SystemExit(f"--data {data!r} is not a folder (or use 'builtin')")
+        raise UserError(f"--data {data!r} is not a folder (or use 'builtin')")
     if os.path.isdir(os.path.join(data, 'train')) and os.path.isdir(os.path.join(data, 'val')):
         ds = ImageFolder(os.path.join(data, 'train' if train else 'val'), resolution, train, hflip,
                          exclude=list_images(os.path.join(data, 'val'))[2] if train else ())
         if ds.class_names != (_class_folders(os.path.join(data, 'train')) or ['unlabeled']):
-            raise SystemExit(f'{data}/val must have the same class folders as {data}/train')
+            raise UserError(f'{data}/val must have the same class folders as {data}/train')
     else:
         ds = ImageFolder(data, resolution, train, hflip)
         ds.samples = [s for i, s in enumerate(ds.samples) if (i % HOLDOUT_EVERY == 0) != train]
         if not ds.samples:
-            raise SystemExit(f'{data}: too few images to hold out a validation split')
+            raise UserError(f'{data}: too few images to hold out a validation split')
     if size:
         ds.samples = ds.samples[::max(1, len(ds.samples) // size)][:size]
     return ds
@@ -427,10 +428,8 @@ def save_image_grid(images, path, nrow=8, padding=2, min_side=64):
     for i in range(b):
         top, left = padding + (i // ncol) * (h + padding), padding + (i % ncol) * (w + padding)
         grid[top:top + h, left:left + w] = u8[i]
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f'{path}.tmp{os.getpid()}'  # write then rename: readers never see half a file
-    Image.fromarray(grid).save(tmp, format='PNG')
-    os.replace(tmp, path)
+    with checkpoint.atomic_path(path) as tmp:   # readers never see half a file
+        Image.fromarray(grid).save(tmp, format='PNG')
 
 
 if __name__ == '__main__':

@@ -34,6 +34,7 @@ import data
 import gpt
 import tokenizer
 import vqvae
+from cli import UserError
 
 # DiGIT's fairseq recipe; stage 2 is trained the same way
 RECIPE = dict(weight_decay=0.01, beta1=0.9, beta2=0.98, lr_schedule='inverse_sqrt',
@@ -60,8 +61,8 @@ def add_args(parser):
 
 def load_tokenizer(path, device):
     if not os.path.exists(path):
-        raise SystemExit(f'--tokenizer {path} not found: make one first (python '
-                         'train.py --model ssl; python tokenizer.py fit)')
+        raise UserError(f'--tokenizer {path} not found: make one first (python '
+                      'train.py --model ssl; python tokenizer.py fit)')
     return tokenizer.Tokenizer.load(path).to(device)
 
 
@@ -187,9 +188,9 @@ class Stage2Training:
         tok = load_tokenizer(args.tokenizer, run.device)
         self.vae = vae = vqvae.VQVAE.frozen(args.vae, args.resolution, run.device)
         if len(vae.config.patch_nums) != 1:
-            raise SystemExit(f'--vae {args.vae} has {len(vae.config.patch_nums)} scales; '
-                             'stage 2 needs one: python train.py --model vqvae --patch_nums '
-                             '8 --out_dir out/vqvae_1scale')
+            raise UserError(f'--vae {args.vae} has {len(vae.config.patch_nums)} scales; '
+                          'stage 2 needs one: python train.py --model vqvae --patch_nums '
+                          '8 --out_dir out/vqvae_1scale')
         key = dict(token_key(tok), vae=data.tokenizer_key(asdict(vae.config), vae.parameters()))
         encode = lambda img: torch.cat((tok.encode(img), vae.img_to_idx(img)[0]), 1)  # (B, S+L)
         cache_tokens(self, encode, key, args, run)
@@ -263,23 +264,23 @@ class ProbeTraining:
         self.args, self.run = args, run
         self.train_set, self.val_set = train_set, val_set
         if not os.path.exists(args.gpt):
-            raise SystemExit(f'--gpt {args.gpt} not found: train one (python train.py '
-                             '--model gpt)')
+            raise UserError(f'--gpt {args.gpt} not found: train one (python train.py '
+                          '--model gpt)')
         state = checkpoint.load(args.gpt, '--gpt', foreign=True)
         self.released = checkpoint.is_fairseq(state)   # DiGIT's stage 1: its own protocol
         if self.released:
             config, weights = gpt.from_fairseq(state)
             state = dict(kind='gpt', config=config, model=weights, ema=None)
         elif state.get('kind') != 'gpt':
-            raise SystemExit(f"--gpt {args.gpt} holds a {state.get('kind')} run, not a gpt")
+            raise UserError(f"--gpt {args.gpt} holds a {state.get('kind')} run, not a gpt")
         else:
             args.tokenizer = state['tokenizer']   # the GPT's own tokenizer
         self.probed, c = state, state['config']
         tok = load_tokenizer(args.tokenizer, run.device)
         if (tok.vocab_size, tok.grid ** 2) != (c['vocab_size'], c['block_size']):
-            raise SystemExit(f'--tokenizer {args.tokenizer} makes {tok.grid ** 2} tokens of '
-                             f'{tok.vocab_size}, --gpt {args.gpt} reads {c["block_size"]} of '
-                             f'{c["vocab_size"]}')
+            raise UserError(f'--tokenizer {args.tokenizer} makes {tok.grid ** 2} tokens of '
+                          f'{tok.vocab_size}, --gpt {args.gpt} reads {c["block_size"]} of '
+                          f'{c["vocab_size"]}')
         cache_tokens(self, tok.encode, token_key(tok), args, run)
         depth = c['depth']
         self.config = dict(gpt=c, num_classes=train_set.num_classes,

@@ -36,9 +36,11 @@ import torch
 import torch.distributed
 from tqdm import tqdm
 
+import checkpoint
 import cli
 import data
 import dist
+from cli import UserError
 from data import list_images, load_rgb
 from inception import (MODES, WEIGHTS_NAME, center_crop, find_weights, load_inception,
                        preprocess)
@@ -57,17 +59,17 @@ def npz_images(path):
     try:
         z = zipfile.ZipFile(path)
         if 'arr_0.npy' not in z.namelist():
-            raise SystemExit(f'fid: {path} has no arr_0 (uint8 images), keys: {z.namelist()}')
+            raise UserError(f'fid: {path} has no arr_0 (uint8 images), keys: {z.namelist()}')
         f = z.open('arr_0.npy')
         version = np.lib.format.read_magic(f)
         read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                        else np.lib.format.read_array_header_2_0)
         shape, fortran, dtype = read_header(f)
     except DAMAGED as e:
-        raise SystemExit(f'fid: {path}: arr_0 does not read ({type(e).__name__}: {e})') from None
+        raise UserError(f'fid: {path}: arr_0 does not read ({type(e).__name__}: {e})') from None
     if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or fortran:
-        raise SystemExit(f'fid: {path} arr_0 is {dtype} {shape}; expected uint8 (N, H, W, 3) '
-                         f'images as sample.py and the ADM evaluator write')
+        raise UserError(f'fid: {path} arr_0 is {dtype} {shape}; expected uint8 (N, H, W, 3) '
+                      f'images as sample.py and the ADM evaluator write')
     return f, shape[0], shape[1], shape[2]
 
 
@@ -85,7 +87,7 @@ def npz_batches(path, start, stop, batch_size):
                 raise EOFError(f'the file ends within image {i + len(buf) // row} of {n}')
             yield np.frombuffer(buf, np.uint8).reshape(b, h, w, 3)
     except DAMAGED as e:
-        raise SystemExit(f'fid: {path} is damaged: {type(e).__name__}: {e}') from None
+        raise UserError(f'fid: {path} is damaged: {type(e).__name__}: {e}') from None
     finally:
         f.close()
 
@@ -251,29 +253,29 @@ def read_npz(path, mode):
     SystemExit with one line naming the file if it is not an .npz, or its statistics are
     incomplete, of other shapes, not finite or of another preprocessing mode than `mode`."""
     if not os.path.isfile(path):
-        raise SystemExit(f'fid: not found: {path}')
+        raise UserError(f'fid: not found: {path}')
     with open(path, 'rb') as f:
         if f.read(4) != b'PK\x03\x04':   # every .npz is a zip archive
-            raise SystemExit(f'fid: {path} is not an .npz (a zip archive) nor an image folder')
+            raise UserError(f'fid: {path} is not an .npz (a zip archive) nor an image folder')
     try:
         with np.load(path) as f:
             keys = set(f.files)
             stats = {k: f[k] for k in (*STATS, 'n', 'mode') if k in keys}
     except DAMAGED as e:
-        raise SystemExit(f'fid: {path} does not read ({type(e).__name__}: {e})') from None
+        raise UserError(f'fid: {path} does not read ({type(e).__name__}: {e})') from None
     if 'mode' in stats and str(stats['mode']) != mode:
-        raise SystemExit(f'fid: {path} holds statistics of mode {stats["mode"]}, not {mode}')
+        raise UserError(f'fid: {path} holds statistics of mode {stats["mode"]}, not {mode}')
     if 'arr_0' not in keys and 'mu' not in keys:
-        raise SystemExit(f'fid: {path} holds neither images (arr_0) nor statistics (mu, sigma); '
-                         f'keys: {sorted(keys)}')
+        raise UserError(f'fid: {path} holds neither images (arr_0) nor statistics (mu, sigma); '
+                      f'keys: {sorted(keys)}')
     for pair in (('mu', 'sigma'), ('mu_s', 'sigma_s')):
         for k in pair if any(k in stats for k in pair) else ():
             a = stats.get(k)
             if a is None or a.shape != STATS[k] or a.dtype.kind not in 'fi' or \
                     not np.isfinite(a).all():
                 got = 'missing' if a is None else f'{a.dtype} {a.shape}'
-                raise SystemExit(f'fid: {path}: statistics {k} is {got}, expected finite '
-                                 f'{STATS[k]}')
+                raise UserError(f'fid: {path}: statistics {k} is {got}, expected finite '
+                              f'{STATS[k]}')
     return keys, stats
 
 
@@ -281,12 +283,12 @@ def checked(out, path, model):
     """extract()'s result for the input `path`, or SystemExit: no image of it could be read, or
     the network gave NaN or inf (broken weights), which would print 'IS nan'."""
     if out['n'] == 0:
-        raise SystemExit(f'fid: no image of {path} could be read ({out["n_bad"]} unreadable)')
+        raise UserError(f'fid: no image of {path} could be read ({out["n_bad"]} unreadable)')
     bad = [k for k in ('pool', 'logits', 'mu', 'sigma', 'mu_s', 'sigma_s')
            if not np.isfinite(out[k]).all()]
     if bad:
-        raise SystemExit(f'fid: the Inception network gave NaN or inf {bad[0]} on {path}; '
-                         f'its weights: {getattr(model, "weights", "given")}')
+        raise UserError(f'fid: the Inception network gave NaN or inf {bad[0]} on {path}; '
+                      f'its weights: {getattr(model, "weights", "given")}')
     return out
 
 
@@ -300,7 +302,7 @@ def read_input(path, model, args, images=True):
     if os.path.isdir(path):
         paths = list_images(path)[0]
         if not paths:
-            raise SystemExit(f'fid: no images found in {path}')
+            raise UserError(f'fid: no images found in {path}')
         start, stop = shard(len(paths))
         loader = torch.utils.data.DataLoader(ImageFiles(paths[start:stop], args.center_crop),
                                              args.batch_size, num_workers=args.num_workers,
@@ -324,10 +326,9 @@ def read_input(path, model, args, images=True):
 def save_stats(path, s, mode):
     """mu, sigma, mu_s, sigma_s, n, mode as an .npz (readable by pytorch-fid and the ADM
     evaluator), written atomically."""
-    tmp = f'{path}.tmp{os.getpid()}.npz'
     keys = ('mu', 'sigma', 'mu_s', 'sigma_s', 'n')
-    np.savez(tmp, mode=mode, **{k: s[k] for k in keys if k in s})
-    os.replace(tmp, path)
+    with checkpoint.atomic_path(path) as tmp, open(tmp, 'wb') as f:
+        np.savez(f, mode=mode, **{k: s[k] for k in keys if k in s})
 
 
 # -----------------------------------------------------------------------------
@@ -428,8 +429,8 @@ def main(argv=None):
                                                ref['sigma_s'])
         if want_images and 'pool' in ref:
             if min(len(ref['pool']), len(samples['pool'])) <= 3:   # k = 3 nearest neighbours
-                raise SystemExit('fid: precision/recall needs more than 3 images in each input; '
-                                 'pass --no_pr')
+                raise UserError('fid: precision/recall needs more than 3 images in each input; '
+                              'pass --no_pr')
             results['precision'], results['recall'] = precision_recall(
                 ref['pool'], samples['pool'], device=args.device)
     if main_rank:
@@ -447,4 +448,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    cli.run(main)

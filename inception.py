@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import checkpoint
+from cli import UserError
 
 WEIGHTS_NAME = 'pt_inception-2015-12-05-6726825d.pth'
 WEIGHTS_URL = ('https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/'
@@ -360,16 +361,16 @@ def find_weights(path=None, download=False):
     path = path or os.environ.get('FID_INCEPTION_WEIGHTS')
     if path:
         if not os.path.isfile(path):
-            raise SystemExit(f'FID Inception weights not found: {path}')
+            raise UserError(f'FID Inception weights not found: {path}')
         return path
     cache = os.path.join(torch.hub.get_dir(), 'checkpoints')
     for name in (WEIGHTS_NAME, 'weights-inception-2015-12-05-6726825d.pth'):
         if os.path.isfile(os.path.join(cache, name)):
             return os.path.join(cache, name)
     if not download:
-        raise SystemExit(f'no FID Inception weights: pass --weights PATH, set '
-                         f'$FID_INCEPTION_WEIGHTS, put {WEIGHTS_NAME} in {cache}, or use '
-                         f'--download ({WEIGHTS_URL})')
+        raise UserError(f'no FID Inception weights: pass --weights PATH, set '
+                      f'$FID_INCEPTION_WEIGHTS, put {WEIGHTS_NAME} in {cache}, or use '
+                      f'--download ({WEIGHTS_URL})')
     os.makedirs(cache, exist_ok=True)
     torch.hub.download_url_to_file(WEIGHTS_URL, os.path.join(cache, WEIGHTS_NAME))
     return os.path.join(cache, WEIGHTS_NAME)
@@ -399,11 +400,11 @@ def read_weights(path):
         try:
             return from_nvidia(read_torchscript(path))
         except (pickle.UnpicklingError, ValueError, KeyError, RuntimeError) as e:
-            raise SystemExit(f'{path}: not NVIDIA\'s FID Inception TorchScript ({e})') from None
+            raise UserError(f'{path}: not NVIDIA\'s FID Inception TorchScript ({e})') from None
     state = checkpoint.load(path, 'FID Inception weights')
     if not isinstance(state, dict):
-        raise SystemExit(f'{path} is not the FID Inception ({WEIGHTS_NAME}): it holds a '
-                         f'{type(state).__name__}, not a state dict')
+        raise UserError(f'{path} is not the FID Inception ({WEIGHTS_NAME}): it holds a '
+                      f'{type(state).__name__}, not a state dict')
     return {k: v for k, v in state.items() if not k.endswith('num_batches_tracked')}
 
 
@@ -423,14 +424,14 @@ def load_inception(path=None, device='cpu', download=False):
     wrong = [f'{k} {tuple(getattr(state[k], "shape", ()))} != {tuple(s)}'
              for k, s in want.items() if k in state and getattr(state[k], 'shape', ()) != s]
     if missing or extra or wrong:
-        raise SystemExit(f'{path} is not the FID Inception ({WEIGHTS_NAME}): '
-                         f'{len(missing)} missing keys {missing[:3]}, {len(extra)} unexpected '
-                         f'{extra[:3]}, {len(wrong)} wrong shapes {wrong[:3]}')
+        raise UserError(f'{path} is not the FID Inception ({WEIGHTS_NAME}): '
+                      f'{len(missing)} missing keys {missing[:3]}, {len(extra)} unexpected '
+                      f'{extra[:3]}, {len(wrong)} wrong shapes {wrong[:3]}')
     broken = [k for k in want   # min and max hold NaN or inf if any entry does: fast
               if not torch.isfinite(torch.stack(torch.aminmax(state[k].float()))).all()]
     if broken:
-        raise SystemExit(f'FID Inception weights {path}: {len(broken)} tensors hold NaN or inf, '
-                         f'e.g. {broken[0]}')
+        raise UserError(f'FID Inception weights {path}: {len(broken)} tensors hold NaN or inf, '
+                      f'e.g. {broken[0]}')
     model.load_state_dict(state, strict=False)  # only num_batches_tracked stays unset
     model.weights = weights_name(path)
     return model.to(device).eval().requires_grad_(False)

@@ -40,8 +40,10 @@ import torch
 import torch.distributed
 import torch.nn.functional as F
 
+import checkpoint
 import cli
 import dist
+from cli import UserError
 
 
 # ---- distances: the E-step --------------------------------------------------------------------
@@ -251,8 +253,10 @@ class KMeans:
         return self.assign(x)[0]
 
     def save(self, path):
-        """Centroids as a float32 .npy of shape [K, D] (the format of DiGIT's km_8k.npy)."""
-        np.save(path, self.centroids.detach().cpu().numpy().astype(np.float32))
+        """Centroids as a float32 .npy of shape [K, D] (the format of DiGIT's km_8k.npy),
+        written atomically."""
+        with checkpoint.atomic_path(path) as tmp, open(tmp, 'wb') as f:
+            np.save(f, self.centroids.detach().cpu().numpy().astype(np.float32))
 
     @classmethod
     def load(cls, path, **kwargs):
@@ -282,11 +286,11 @@ def read_npy(path, what, mmap_mode=None):
     try:
         a = np.load(path, mmap_mode=mmap_mode)
     except (OSError, ValueError, EOFError) as e:   # missing, not an .npy, truncated
-        raise SystemExit(f'{what} {path} does not read ({type(e).__name__}: {e})') from None
+        raise UserError(f'{what} {path} does not read ({type(e).__name__}: {e})') from None
     if not isinstance(a, np.ndarray) or a.ndim != 2 or a.dtype.kind != 'f' or \
             (mmap_mode is None and not np.isfinite(a).all()):
         held = f'{a.dtype} {a.shape}' if isinstance(a, np.ndarray) else 'an .npz archive'
-        raise SystemExit(f'{what} {path} holds {held}, not a finite 2-d float (N, D) array')
+        raise UserError(f'{what} {path} holds {held}, not a finite 2-d float (N, D) array')
     return a
 
 
@@ -427,7 +431,7 @@ def main(argv=None):
     shapes = [read_npy(f, 'features', 'r').shape for f in args.features]  # all files, every rank
     odd = [f'{f} {s}' for f, s in zip(args.features, shapes) if s[1] != shapes[0][1]]
     if odd:
-        raise SystemExit(f'features of another D: {args.features[0]} {shapes[0]}, {odd[0]}')
+        raise UserError(f'features of another D: {args.features[0]} {shapes[0]}, {odd[0]}')
     if sum(n for n, _ in shapes) < args.k:
         p.error(f'argument --k: {args.k} centroids but only {sum(n for n, _ in shapes)} points')
     device, rank, world = dist.setup(args.device, mps=False)
@@ -438,7 +442,7 @@ def main(argv=None):
             for i in range(0, len(a), rows):
                 x = np.array(a[i:i + rows])  # a copy: memmaps are read-only
                 if not np.isfinite(x).all():
-                    raise SystemExit(f'features {f} has NaN or inf in rows {i}..{i + len(x) - 1}')
+                    raise UserError(f'features {f} has NaN or inf in rows {i}..{i + len(x) - 1}')
                 yield torch.from_numpy(x)
 
     km = KMeans(args.k, n_iter=args.n_iter, init=args.init, tol=args.tol, seed=args.seed,
@@ -452,4 +456,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    cli.run(main)

@@ -45,6 +45,7 @@ import gpt
 import var
 import vqgan
 import vqvae
+from cli import UserError
 
 
 CLASS_IDS = cli.number(lambda text: [int(c) for c in text.split(',')], lambda ids: min(ids) >= 0,
@@ -112,13 +113,13 @@ def load(args, device):
     kind = 'gpt' if checkpoint.is_fairseq(ckpt) else ckpt.get('kind', 'var') if isinstance(
         ckpt, dict) else type(ckpt).__name__
     if kind not in ('var', 'gpt'):
-        raise SystemExit(f'--ckpt {args.ckpt} holds a {kind}, not a var or gpt checkpoint')
+        raise UserError(f'--ckpt {args.ckpt} holds a {kind}, not a var or gpt checkpoint')
     if kind == 'gpt':
         return load_digit(args, ckpt, device)
     defaults(args, cfg=4.0, top_k=900, top_p=0.95)
     vae_path = args.vae or (ckpt.get('vae') if isinstance(ckpt.get('vae'), str) else '')
     if not vae_path:
-        raise SystemExit(f'{args.ckpt} names no VQVAE: pass --vae vae_ch160v4096z32.pth')
+        raise UserError(f'{args.ckpt} names no VQVAE: pass --vae vae_ch160v4096z32.pth')
     vae = vqvae.VQVAE.from_checkpoint(vae_path).to(device).eval()
     model = var.VAR.from_checkpoint(args.ckpt, vae, use_ema=not args.no_ema).to(device).eval()
     generate = lambda labels, seed, **kw: model.generate(
@@ -144,26 +145,26 @@ def load_gpt(state, kind, flag, path, use_ema):
     try:
         return gpt.GPT.from_checkpoint(state, [kind], use_ema)
     except ValueError as e:
-        raise SystemExit(f'{flag} {path}: {e}') from None
+        raise UserError(f'{flag} {path}: {e}') from None
 
 
 def load_digit(args, ckpt, device):
     """DiGIT's chain: GPT -> DiGIT tokens -> stage 2 -> VQ tokens -> pixels, through stage 2's
     VQVAE (ours) or MAGE's VQGAN (DiGIT's released stage 2: --vqgan, or the copy inside it)."""
     if not os.path.exists(args.stage2):
-        raise SystemExit(f'--stage2 {args.stage2} not found: train it (python train.py --model '
-                         'stage2) to turn DiGIT tokens into pixels')
+        raise UserError(f'--stage2 {args.stage2} not found: train it (python train.py --model '
+                      'stage2) to turn DiGIT tokens into pixels')
     s2_ckpt = checkpoint.load(args.stage2, '--stage2', foreign=True)
     stage2 = load_gpt(s2_ckpt, 'stage2', '--stage2', args.stage2, not args.no_ema).to(device)
     stage1 = load_gpt(ckpt, 'gpt', '--ckpt', args.ckpt, not args.no_ema).to(device)
     if (stage2.config.source_len, stage2.config.source_vocab_size) != \
             (stage1.config.block_size, stage1.config.vocab_size):
-        raise SystemExit(f'{args.stage2} was trained on another DiGIT tokenizer than {args.ckpt}')
+        raise UserError(f'{args.stage2} was trained on another DiGIT tokenizer than {args.ckpt}')
     if checkpoint.is_fairseq(ckpt):   # no null class; DiGIT's top-k
         defaults(args, cfg=0.0, top_k=300 if stage1.num_classes else 200, top_p=0.0)
         if args.cfg:
-            raise SystemExit(f"--cfg {args.cfg}: DiGIT's released stage 1 learnt no null class, "
-                             'so it has no guidance; use --cfg 0')
+            raise UserError(f"--cfg {args.cfg}: DiGIT's released stage 1 learnt no null class, "
+                          'so it has no guidance; use --cfg 0')
     defaults(args, cfg=2.0, top_k=digit_top_k(stage1.config.vocab_size), top_p=0.0)
     if checkpoint.is_fairseq(s2_ckpt):
         vae = vqgan.VQGAN.from_checkpoint(args.vqgan) if args.vqgan else \
@@ -174,7 +175,7 @@ def load_digit(args, ckpt, device):
 
     def generate(labels, seed, **edit):
         if edit:
-            raise SystemExit('zero-shot editing is VAR\'s; DiGIT completes prefixes instead')
+            raise UserError('zero-shot editing is VAR\'s; DiGIT completes prefixes instead')
         tokens = stage1.generate(labels, cfg=args.cfg, temperature=args.temperature,
                                  top_k=args.top_k, top_p=args.top_p, seed=seed)    # (B, S)
         vq = stage2.generate(torch.zeros_like(labels), top_p=args.stage2_top_p, seed=seed,
@@ -189,7 +190,7 @@ def load_image(path, resolution, mode='RGB'):
     try:
         img = data.load_rgb(path).convert(mode)
     except (OSError, SyntaxError, ValueError) as e:   # PIL's errors: missing, not an image, cut
-        raise SystemExit(f'image {path} does not read: {type(e).__name__}: {e}') from None
+        raise UserError(f'image {path} does not read: {type(e).__name__}: {e}') from None
     w, h = img.size
     s = min(w, h)
     img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
@@ -220,14 +221,16 @@ def main(args):
             labels = torch.tensor(mine[b:b + args.batch_size], device=device) % n_labels
             out.append(data.to_uint8(gen(labels, args.seed + rank * 1_000_003 + b) * 2 - 1))
         shard = np.concatenate(out) if out else np.zeros((0, resolution, resolution, 3), np.uint8)
-        np.save(f'{args.npz}.rank{rank}.npy', shard)      # shards on disk, not in memory
+        with checkpoint.atomic_path(f'{args.npz}.rank{rank}.npy') as tmp, open(tmp, 'wb') as f:
+            np.save(f, shard)      # shards on disk, not in memory
         dist.barrier()
         if rank == 0:
             images = np.empty((args.num_samples, resolution, resolution, 3), np.uint8)
             for r in range(world):
                 images[r::world] = np.load(f'{args.npz}.rank{r}.npy')
                 os.remove(f'{args.npz}.rank{r}.npy')
-            np.savez(args.npz, arr_0=images, labels=np.arange(args.num_samples) % n_labels)
+            with checkpoint.atomic_path(args.npz) as tmp, open(tmp, 'wb') as f:
+                np.savez(f, arr_0=images, labels=np.arange(args.num_samples) % n_labels)
             print(f'wrote {args.num_samples} samples {images.shape[1:]} to {args.npz}')
     elif rank == 0:
         classes = args.classes or list(range(min(K, 10))) or [0] * 10
@@ -247,4 +250,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    main(get_args())
+    cli.run(lambda: main(get_args()))

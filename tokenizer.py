@@ -28,7 +28,6 @@ Test: `python -m pytest test_all.py -k "tokenizer or stability or contrastive"`.
 """
 import argparse
 import math
-import os
 from dataclasses import asdict
 
 import torch
@@ -44,6 +43,7 @@ import kmeans
 import standin
 import vqvae
 from dinov2 import DINOv2, IMAGENET_MEAN, IMAGENET_STD
+from cli import UserError
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,25 +132,23 @@ class Tokenizer(nn.Module):
         state = dict(kind='tokenizer', encoder_config=asdict(self.encoder.config),
                      encoder=self.encoder.state_dict(), layer=self.layer,
                      resolution=self.resolution, centroids=self.centroids.cpu())
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        torch.save(state, f'{path}.tmp')
-        os.replace(f'{path}.tmp', path)
+        checkpoint.save(state, path)
 
     @classmethod
     def load(cls, path):
         """A tokenizer saved by save(); any other file is SystemExit naming it."""
         state = checkpoint.load(path, 'tokenizer')
         if not isinstance(state, dict) or state.get('kind') != 'tokenizer':
-            raise SystemExit(f'{path} is not a tokenizer saved by tokenizer.py (a DINOv2 .pth '
-                             'or a train.py --model ssl checkpoint goes to `tokenizer.py fit '
-                             '--encoder`)')
+            raise UserError(f'{path} is not a tokenizer saved by tokenizer.py (a DINOv2 .pth '
+                          'or a train.py --model ssl checkpoint goes to `tokenizer.py fit '
+                          '--encoder`)')
         try:
             encoder = DINOv2(**state['encoder_config'])
             encoder.load_state_dict(state['encoder'])
             return cls(encoder, state['layer'], state['resolution'], state['centroids'])
         except (KeyError, TypeError, ValueError, RuntimeError) as e:   # edited or damaged
-            raise SystemExit(f'tokenizer {path} does not load: {type(e).__name__}: '
-                             f'{" ".join(str(e).split())[:200]}') from None
+            raise UserError(f'tokenizer {path} does not load: {type(e).__name__}: '
+                          f'{" ".join(str(e).split())[:200]}') from None
 
 
 def load_encoder(path):
@@ -168,8 +166,8 @@ def load_encoder(path):
     if not isinstance(state, dict) or 'cls_token' not in state:
         held = f"a train.py {state['kind']} run" if isinstance(state, dict) and 'kind' in state \
             else 'no DINOv2 weights (no cls_token)'
-        raise SystemExit(f'encoder {path} holds {held}: pass a DINOv2 .pth or a train.py '
-                         '--model ssl checkpoint')
+        raise UserError(f'encoder {path} holds {held}: pass a DINOv2 .pth or a train.py '
+                      '--model ssl checkpoint')
     vit = DINOv2.from_checkpoint(path, interpolate_offset=0.1, interpolate_antialias=False)
     return vit, dict(layer=vit.config.depth - 3, resolution=224, k=8192)
 
@@ -303,9 +301,9 @@ def fit_command(args, device, rank, world, error):
     if args.centroids:
         centroids = kmeans.KMeans.load(args.centroids).centroids
         if centroids.shape[1] != cfg.embed_dim:
-            raise SystemExit(f'--centroids {args.centroids}: centroids of shape '
-                             f'{tuple(centroids.shape)} do not fit this encoder: expected '
-                             f'[K, {cfg.embed_dim}]')
+            raise UserError(f'--centroids {args.centroids}: centroids of shape '
+                          f'{tuple(centroids.shape)} do not fit this encoder: expected '
+                          f'[K, {cfg.embed_dim}]')
         tok.set_centroids(centroids)
     else:
         k = args.k or default['k']
@@ -350,4 +348,4 @@ def stability_command(args, device):
 
 
 if __name__ == '__main__':
-    main()
+    cli.run(main)

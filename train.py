@@ -270,8 +270,8 @@ def datasets(args, run, master_print):
     """The training and held-out images (data.py), and the accumulation steps of a step."""
     accum, rem = divmod(args.total_batch_size, args.batch_size * run.world)
     if rem or not accum:
-        raise SystemExit(f'--total_batch_size {args.total_batch_size} must be a multiple of '
-                         f'--batch_size {args.batch_size} x {run.world} processes')
+        raise cli.UserError(f'--total_batch_size {args.total_batch_size} must be a multiple of '
+                          f'--batch_size {args.batch_size} x {run.world} processes')
     if args.num_workers < 0:   # the built-in data is made in memory
         args.num_workers = 0 if args.data == 'builtin' else min(8, os.cpu_count() // run.world)
     train_set = data.build_dataset(args.data, args.resolution, True, args.hflip, args.seed,
@@ -384,10 +384,10 @@ def fit(args, run):
             counts['skipped_steps'] = counts.get('skipped_steps', 0.0) + torch.tensor(1.0)
             if bad_in_a_row >= args.max_bad_steps:
                 bar.close()
-                raise SystemExit(f'stopping at step {step}: the loss or gradient was not '
-                                 f'finite in the last {bad_in_a_row} steps (each skipped; '
-                                 f'{ckpt_path} is the last checkpoint). Lower --lr (now '
-                                 f'{args.lr:g}), then rerun.')
+                raise cli.UserError(f'stopping at step {step}: the loss or gradient was not '
+                                  f'finite in the last {bad_in_a_row} steps (each skipped; '
+                                  f'{ckpt_path} is the last checkpoint). Lower --lr (now '
+                                  f'{args.lr:g}), then rerun.')
         elif hasattr(task, 'after_step'):
             for k, v in task.after_step(raw_model, batch, step).items():
                 counts[k] = counts.get(k, 0.0) + torch.tensor(float(v))
@@ -446,4 +446,4 @@ def report(task, held_out, fid_ref, args, state, ckpt_path, log_path):
 
 
 if __name__ == '__main__':
-    main(get_args())
+    cli.run(lambda: main(get_args()))

@@ -35,6 +35,7 @@ import checkpoint
 import data
 import transformer
 import vqvae
+from cli import UserError
 
 
 @dataclass
@@ -298,7 +299,7 @@ class Training:
     def __init__(self, args, train_set, val_set, run):
         self.args, self.run = args, run
         if args.attn == 'flex' and not run.device.startswith('cuda'):
-            raise SystemExit('--attn flex needs a CUDA device (FlexAttention trains on GPUs only)')
+            raise UserError('--attn flex needs a CUDA device (FlexAttention trains on GPUs only)')
         self.vae = vae = vqvae.VQVAE.frozen(args.vae, args.resolution, run.device)
         self.train_set, self.val_set = train_set, val_set
         if args.cache_tokens:   # the frozen tokenizer off the training step's path

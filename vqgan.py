@@ -38,6 +38,7 @@ import torch.nn as nn
 
 import checkpoint
 from vqvae import Normalize, Upsample, _level, _run_level
+from cli import UserError
 
 
 @dataclass
@@ -204,7 +205,7 @@ class VQGAN(nn.Module):
         a bare sd. kwargs change the config from the released model's."""
         ckpt = checkpoint.load(path, 'VQGAN checkpoint')
         if not isinstance(ckpt, dict):
-            raise SystemExit(f'VQGAN checkpoint {path} holds a {type(ckpt).__name__}, not a dict')
+            raise UserError(f'VQGAN checkpoint {path} holds a {type(ckpt).__name__}, not a dict')
         return cls.from_state_dict(ckpt.get('state_dict', ckpt), source=path, **kwargs)
 
     @classmethod
@@ -220,8 +221,8 @@ class VQGAN(nn.Module):
                      for k, v in want.items() if k in state and _shape(state[k]) != _shape(v)]
         if problems:
             more = f' (and {len(problems) - 1} more problems)' if len(problems) > 1 else ''
-            raise SystemExit(f'{source} does not fit VQGAN({asdict(model.config)}): '
-                             f'{problems[0]}{more}')
+            raise UserError(f'{source} does not fit VQGAN({asdict(model.config)}): '
+                          f'{problems[0]}{more}')
         model.load_state_dict(state, strict=True)
         return model
 

@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import checkpoint
+from cli import UserError
 
 
 @dataclass
@@ -417,12 +418,12 @@ class VQVAE(nn.Module):
     def frozen(cls, path, resolution, device):
         """The frozen tokenizer of VAR or DiGIT's stage 2, checked against the image size."""
         if not os.path.exists(path):
-            raise SystemExit(f'--vae {path} not found: train a tokenizer first (python train.py '
-                             '--model vqvae ...) or pass the released vae_ch160v4096z32.pth')
+            raise UserError(f'--vae {path} not found: train a tokenizer first (python train.py '
+                          '--model vqvae ...) or pass the released vae_ch160v4096z32.pth')
         vae = cls.from_checkpoint(path).to(device).eval().requires_grad_(False)
         if resolution != vae.config.patch_nums[-1] * vae.downsample:
-            raise SystemExit(f'--resolution {resolution} does not fit the tokenizer, '
-                             f'made for {vae.config.patch_nums[-1] * vae.downsample} px images')
+            raise UserError(f'--resolution {resolution} does not fit the tokenizer, '
+                          f'made for {vae.config.patch_nums[-1] * vae.downsample} px images')
         return vae
 
     @classmethod

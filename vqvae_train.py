@@ -28,6 +28,7 @@ import checkpoint
 import cli
 import data
 import vqvae
+from cli import UserError
 
 # ----------------------------------------------------------------------------------------------
 # PatchGAN, hinge loss, adaptive weight, LPIPS
@@ -162,8 +163,8 @@ def config_from_args(args):
             cfg[k] = getattr(args, k)
     latent, rem = divmod(args.resolution, 2 ** (len(cfg['ch_mult']) - 1))
     if rem or ('patch_nums' not in cfg and latent not in PATCH_NUMS):
-        raise SystemExit(f'resolution {args.resolution} gives no standard latent size with '
-                         f"ch_mult {cfg['ch_mult']}: pass --patch_nums ending at the latent side")
+        raise UserError(f'resolution {args.resolution} gives no standard latent size with '
+                      f"ch_mult {cfg['ch_mult']}: pass --patch_nums ending at the latent side")
     cfg.setdefault('patch_nums', PATCH_NUMS.get(latent))
     return cfg
 
