@@ -18,6 +18,7 @@ and exits with status 1, without a traceback.
 """
 import collections
 import errno
+import math
 import os
 import pickle
 import re
@@ -25,6 +26,7 @@ import socket
 from contextlib import contextmanager, suppress
 
 import torch
+import torch.distributed
 
 import cli
 from cli import UserError
@@ -270,14 +272,9 @@ def to_resume(path, args, frozen, master_print):
     return ckpt
 
 
-def save_run(path, state, config, args, frozen, class_names):
-    """Everything a resume needs, as plain types and tensors (weights_only loading); never
-    non-finite weights (the previous checkpoint is kept and the run stops)."""
+def save_run(path, state, config, args, frozen, class_names, **extra):
+    """Everything a resume needs, as plain types and tensors (weights_only loading)."""
     model, disc = state['raw_model'], state['disc']
-    for name, t in model.named_parameters():   # buffers may hold -inf (attention masks)
-        if not torch.isfinite(t).all():
-            raise UserError(f"not saving {path}: {name} is not finite at step {state['step']}; "
-                             'the previous checkpoint is kept. Lower --lr and rerun to resume.')
     save(dict(
         kind=args.model, config=config, model=model.state_dict(),
         **{k: getattr(args, k) for k in frozen},
@@ -287,7 +284,86 @@ def save_run(path, state, config, args, frozen, class_names):
         skipped_files=state['skipped'], args=vars(args), class_names=class_names,
         disc=disc.state_dict() if disc is not None else None,
         disc_optimizer=state['disc_opt'].state_dict() if disc is not None else None,
-        scaler=state['scaler'].state_dict()), path)
+        scaler=state['scaler'].state_dict(), **extra), path)
+
+
+class Keeper:
+    """Writes train.py's checkpoint only from states the run can trust: divergence never costs
+    the last good one. The first finite step after a save computes its loss on exactly the saved
+    weights, so that loss vouches for the save unless it explodes, above m + 3 (|m| + 0.05) with
+    m the median of the mean losses between the last 20 saves. Until then the save before it
+    stays, as ckpt_prev.pt. A save its next step refutes, or a run whose steps stop being
+    finite before vouching for its last save, rolls ckpt.pt back to ckpt_prev.pt, and the run
+    stops with one line naming the checkpoint and its step."""
+
+    def __init__(self, path, ckpt, run):
+        self.path, self.prev, self.run = path, path[:-3] + '_prev.pt', run
+        ckpt = ckpt or {}
+        self.history = list(ckpt.get('loss_history', []))   # mean loss between saves
+        self.step, self.prev_step = ckpt.get('step'), ckpt.get('prev_step')
+        self.pending = ckpt.get('step') is not None   # the last save is not yet vouched for
+        self.mine = False   # whether this run wrote the last save (a refuted one is undone)
+        self.sum, self.n = 0.0, 0   # the finite steps' losses since the last save
+
+    def after_step(self, loss):
+        """loss: the step's loss (a tensor), or None if the step was skipped (not finite)."""
+        if loss is None:
+            return
+        self.sum, self.n = self.sum + loss.detach().float(), self.n + 1
+        if self.pending:   # the loss of the weights the last save holds
+            value, limit = self.mean_over_ranks(loss), self.limit()
+            if value > limit:
+                self.diverged(f'the loss of the weights saved at step {self.step} is '
+                              f'{value:.4g}, above {limit:.4g} (the recent saves\' losses)',
+                              refuted=True)
+            self.pending = False
+            if self.run.rank == 0 and os.path.exists(self.prev):   # vouched for: one file
+                os.remove(self.prev)
+
+    def limit(self):
+        """The loss above which a saved state is not trusted: m + 3 (|m| + 0.05)."""
+        if not self.history:
+            return math.inf
+        m = sorted(self.history[-20:])[len(self.history[-20:]) // 2]
+        return m + 3 * (abs(m) + 0.05)
+
+    def save(self, state, *args):
+        """save_run(path, state, *args) of a state with finite weights, keeping the last
+        vouched-for save as ckpt_prev.pt until a step vouches for this one."""
+        for name, t in state['raw_model'].named_parameters():   # buffers may hold -inf
+            if not torch.isfinite(t).all():
+                self.diverged(f'{name} is not finite at step {state["step"]}')
+        if self.n:
+            self.history = self.history[-19:] + [self.mean_over_ranks(self.sum / self.n)]
+        if self.run.rank == 0:
+            if not self.pending and os.path.exists(self.path):
+                os.replace(self.path, self.prev)
+                self.prev_step = self.step
+            save_run(self.path, state, *args, loss_history=self.history,
+                     prev_step=self.prev_step)
+        self.step, self.pending, self.mine, self.sum, self.n = state['step'], True, True, 0.0, 0
+
+    def mean_over_ranks(self, t):
+        t = t.detach().float().clone()
+        if self.run.world > 1:   # every rank decides alike
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.AVG)
+        return t.item()
+
+    def diverged(self, why, refuted=False):
+        """Stop, naming the checkpoint to rerun from. This run's last save, not yet vouched
+        for, gives way to the one before it; refuted (its own weights' loss exploded or its
+        held-out figures are not finite) with none before it, it is set aside."""
+        where = f'{self.path} holds step {self.step}' if self.step is not None else \
+            'no checkpoint was written'
+        if self.pending and self.mine and os.path.exists(self.prev):
+            where = f'{self.path} is back at step {self.prev_step}, the last trusted state'
+            if self.run.rank == 0:
+                os.replace(self.prev, self.path)
+        elif self.pending and self.mine and refuted:   # a rerun starts afresh
+            where = f'no checkpoint to trust ({self.path} set aside as *_diverged.pt)'
+            if self.run.rank == 0 and os.path.exists(self.path):
+                os.replace(self.path, self.path[:-3] + '_diverged.pt')
+        raise UserError(f'stopping: {why}; {where}. Lower --lr, then rerun the same command')
 
 
 def restore(state, ckpt):

@@ -355,20 +355,29 @@ class HeldOut:
                 save_stats(self.cache, self.ref, 'adm')
 
     @classmethod
+    def for_run(cls, task, val_set, args, device, master_print):
+        """train.py's: the first --fid_images held-out images when the task makes images
+        (fid_images(model, indices) -> (b, 3, H, W)), statistics cached beside --out_dir."""
+        n = min(args.fid_images, len(val_set)) if hasattr(task, 'fid_images') else 0
+        key = (os.path.abspath(args.data), args.resolution, len(val_set), args.seed)
+        cache = os.path.join(os.path.dirname(os.path.abspath(args.out_dir)), 'fid_stats')
+        return cls.start(n, key, cache, val_set, device, master_print)
+
+    @classmethod
     def start(cls, n, data_key, cache_dir, val_set, device, master_print):
         """A HeldOut, or None (n = 0; no weights found: one line says so)."""
         try:
             path = find_weights() if n else None
         except SystemExit:
-            master_print('FID off: no Inception weights ($FID_INCEPTION_WEIGHTS or the torch hub '
-                   'cache, as fid.py finds them); --fid_images 0 silences this line')
+            master_print('FID off: no Inception weights ($FID_INCEPTION_WEIGHTS or the torch '
+                         'hub cache, as fid.py finds them); --fid_images 0 silences this line')
             return None
         if path is None:
             return None
         held_out = cls(load_inception(path, device), n, data_key, cache_dir, val_set)
         master_print(f'FID at every eval: {n} images vs {n} held-out ones (statistics '
-               f'{"read from" if held_out.cached else "cached in"} {held_out.cache}); '
-               f'Inception {held_out.model.weights}')
+                     f'{"read from" if held_out.cached else "cached in"} {held_out.cache}); '
+                     f'Inception {held_out.model.weights}')
         return held_out
 
     def stats(self, images_at, batch_size=50):

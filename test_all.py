@@ -30,6 +30,7 @@ from PIL import Image
 
 import bench
 import checkpoint
+import cli
 import data
 import dist
 import digit
@@ -2628,11 +2629,12 @@ def test_checkpoint_refuses_to_save_non_finite_weights(tmp_path):
                  disc=None, disc_opt=None, scaler=torch.amp.GradScaler('cpu', enabled=False),
                  step=5, cursor=(0, 5), skipped=0)
     args = train.get_args(['--out_dir', str(tmp_path)])
-    checkpoint.save_run(str(tmp_path / 'ckpt.pt'), state, {}, args, (), [])
+    keeper = checkpoint.Keeper(str(tmp_path / 'ckpt.pt'), None, dist.Run('cpu', 0, 1, None))
+    keeper.save(state, {}, args, (), [])
     with torch.no_grad():
         model.weight[0, 0] = float('nan')
     with pytest.raises(SystemExit, match='weight is not finite'):
-        checkpoint.save_run(str(tmp_path / 'ckpt.pt'), state, {}, args, (), [])
+        keeper.save(state, {}, args, (), [])
     assert torch.isfinite(ckpt_weights(tmp_path / 'ckpt.pt')['weight']).all()
 
 
@@ -2661,6 +2663,151 @@ def test_failed_save_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkey
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {'step': 1}
     assert os.listdir(tmp_path) == ['ckpt.pt']
+
+
+def test_train_divergence_with_a_save_every_step_rolls_back_to_the_trusted_checkpoint(
+        tmp_path):
+    """--lr 1e6 and --save_every 1 after a good step-4 checkpoint: the step after each save
+    vouches for it, so the wrecked saves that follow are undone: the run stops with one line
+    naming ckpt.pt at step 4, its weights the good ones, no ckpt_prev.pt left; a rerun at a
+    sane lr resumes from step 4 and ends with finite weights and held-out figures."""
+    run = tiny_run(tmp_path, '--save_every', '1', '--max_iters', '10', '--max_bad_steps', '3')
+    train.main(train.get_args(run + ['--stop_after', '4']))
+    good = ckpt_weights(tmp_path / 'ckpt.pt')
+    with pytest.raises(SystemExit) as e:
+        train.main(train.get_args(run + ['--lr', '1e6']))
+    msg = str(e.value.code)
+    assert f"{tmp_path / 'ckpt.pt'} is back at step 4" in msg and '\n' not in msg, msg
+    after = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    assert after['step'] == 4 and all(torch.equal(after['model'][k], v) for k, v in good.items())
+    assert not (tmp_path / 'ckpt_prev.pt').exists()
+    train.main(train.get_args(run + ['--lr', '1e-3']))
+    final = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    assert final['step'] == 10 and all(v.isfinite().all() for v in final['model'].values()
+                                       if v.is_floating_point())
+
+
+def test_keeper_a_save_whose_next_loss_explodes_gives_way_to_the_one_before(tmp_path):
+    """Keeper's rule on its own: the first finite loss after a save vouches for it unless it
+    exceeds m + 3 (|m| + 0.05), m the median loss between saves. Vouched for, ckpt_prev.pt
+    goes; refuted, ckpt.pt is rolled back to it; refuted with none before, it is set aside."""
+    path, run = str(tmp_path / 'ckpt.pt'), dist.Run('cpu', 0, 1, None)
+    args = train.get_args(['--out_dir', str(tmp_path)])
+    model = torch.nn.Linear(2, 2)
+    state = dict(raw_model=model, ema=None, optimizer=torch.optim.SGD(model.parameters(), 0.1),
+                 disc=None, disc_opt=None, scaler=torch.amp.GradScaler('cpu', enabled=False),
+                 step=0, cursor=(0, 0), skipped=[])
+    keeper = checkpoint.Keeper(path, None, run)
+    for step, loss in enumerate([1.0, 0.9, 0.8], 1):
+        keeper.after_step(torch.tensor(loss))
+        state['step'] = step
+        keeper.save(state, {}, args, (), [])
+    assert keeper.limit() == pytest.approx(0.9 + 3 * 0.95)
+    keeper.after_step(torch.tensor(3.7))   # below the limit: step 3 vouched for
+    assert not os.path.exists(path[:-3] + '_prev.pt')
+    state['step'] = 4
+    keeper.save(state, {}, args, (), [])
+    assert torch.load(path[:-3] + '_prev.pt', weights_only=True)['step'] == 3
+    with pytest.raises(SystemExit, match='is back at step 3'):
+        keeper.after_step(torch.tensor(40.0))
+    assert torch.load(path, weights_only=True)['step'] == 3
+    fresh = checkpoint.Keeper(str(tmp_path / 'b.pt'), None, run)
+    fresh.after_step(torch.tensor(1.0))
+    fresh.save(state, {}, args, (), [])
+    with pytest.raises(SystemExit, match='no checkpoint to trust'):
+        fresh.after_step(torch.tensor(1e4))
+    assert os.listdir(tmp_path) == sorted(os.listdir(tmp_path)) and \
+        set(os.listdir(tmp_path)) == {'ckpt.pt', 'b_diverged.pt'}
+
+
+def test_train_ends_non_zero_when_the_held_out_figures_are_not_finite(tmp_path, monkeypatch):
+    run = tiny_run(tmp_path, '--max_iters', '2')
+    monkeypatch.setattr(train, 'validate', lambda *a, **k: {'l2': float('nan'), 'psnr': 1.0})
+    with pytest.raises(SystemExit, match='held-out figures are not finite: l2 nan'):
+        train.main(train.get_args(run))
+
+
+def test_fewer_training_images_than_a_batch_is_one_line_not_a_hang(tmp_path):
+    with pytest.raises(SystemExit, match='--batch_size 4 is more than the 3 training images'):
+        train.main(train.get_args(tiny_run(tmp_path, '--train_images', '3')))
+
+
+@pytest.mark.parametrize('failure', ['enospc', 'torch_zip', 'read_only'])
+def test_atomic_writer_full_disk_or_read_only_is_one_line_and_the_old_file_stays(
+        tmp_path, monkeypatch, failure):
+    """Every writer goes through checkpoint.atomic_path: a failing write (ENOSPC, torch's zip
+    writer's 'unexpected pos', EACCES) is one line naming the file; the previous checkpoint,
+    centroids and PNG stay byte-identical, and no temporary file is left."""
+    ckpt, npy, png = (str(tmp_path / n) for n in ('ckpt.pt', 'km.npy', 'grid.png'))
+    checkpoint.save({'step': 1}, ckpt)
+    km = kmeans.KMeans(2)
+    km.centroids = torch.ones(2, 3)
+    km.save(npy)
+    data.save_image_grid(torch.zeros(1, 3, 8, 8), png)
+    before = {p: open(p, 'rb').read() for p in (ckpt, npy, png)}
+    error = {'enospc': OSError(errno.ENOSPC, 'No space left on device'),
+             'torch_zip': RuntimeError('[enforce fail at inline_container.cc:672] . unexpected '
+                                       'pos 64 vs 0'),
+             'read_only': PermissionError(errno.EACCES, 'Permission denied')}[failure]
+
+    def failing_replace(src, dst):
+        raise error
+    monkeypatch.setattr(os, 'replace', failing_replace)
+    for path, write in ((ckpt, lambda: checkpoint.save({'step': 2}, ckpt)),
+                        (npy, lambda: km.save(npy)),
+                        (png, lambda: data.save_image_grid(torch.ones(1, 3, 8, 8), png))):
+        with pytest.raises(SystemExit) as e:
+            write()
+        msg = str(e.value.code)
+        assert path in msg and 'previous file is intact' in msg and '\n' not in msg, msg
+    monkeypatch.undo()
+    assert {p: open(p, 'rb').read() for p in before} == before
+    assert sorted(os.listdir(tmp_path)) == ['ckpt.pt', 'grid.png', 'km.npy']
+
+
+def test_atomic_writer_and_log_refuse_symlinks_and_stale_temporaries_are_removed(tmp_path):
+    target = tmp_path / 'elsewhere.txt'
+    target.write_text('keep me\n')
+    (tmp_path / 'run').mkdir()
+    os.symlink(target, tmp_path / 'run' / 'ckpt.pt')
+    with pytest.raises(SystemExit, match='symbolic link'):
+        checkpoint.save({'step': 1}, str(tmp_path / 'run' / 'ckpt.pt'))
+    os.symlink(target, tmp_path / 'run' / 'log.txt')
+    with pytest.raises(SystemExit, match='log.txt is a symbolic link'):
+        checkpoint.append_log('step 1', str(tmp_path / 'run' / 'log.txt'))
+    assert target.read_text() == 'keep me\n'
+    dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+    dead.wait()
+    (tmp_path / 'o').mkdir()
+    for name in (f'ckpt.pt.tmp{dead.pid}', f'ckpt.pt.tmp{os.getpid()}', 'notes.tmp'):
+        (tmp_path / 'o' / name).write_text('x')
+    with checkpoint.OutDirLock(str(tmp_path / 'o')):
+        left = sorted(os.listdir(tmp_path / 'o'))
+    assert left == sorted(['lock', f'ckpt.pt.tmp{os.getpid()}', 'notes.tmp'])   # alive: kept
+
+
+def test_error_boundary_one_line_for_user_and_os_errors_traceback_for_bugs(capsys):
+    """cli.run: a UserError or an OSError is one line on stderr and exit status 1, Ctrl-C
+    'interrupted' and 130; any other exception (a bug) propagates with its traceback."""
+    def raises(e):
+        def main():
+            raise e
+        return main
+    for error, status, line in [
+            (cli.UserError('--vae x.pt not found'), '--vae x.pt not found', None),
+            (FileNotFoundError(errno.ENOENT, 'No such file or directory', 'data/a.png'),
+             'data/a.png: No such file or directory', None),
+            (OSError(errno.ENOSPC, 'No space left on device', 'out/x'),
+             'out/x: No space left on device (free some space and rerun)', None),
+            (KeyboardInterrupt(), 130, 'interrupted')]:
+        with pytest.raises(SystemExit) as e:
+            cli.run(raises(error))
+        assert e.value.code == status
+        if line:
+            assert capsys.readouterr().err.strip() == line
+    with pytest.raises(KeyError):
+        cli.run(raises(KeyError('a bug in a loss')))
+    assert cli.run(lambda: 7) == 7
 
 
 class Evil:

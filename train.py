@@ -277,6 +277,9 @@ def datasets(args, run, master_print):
     train_set = data.build_dataset(args.data, args.resolution, True, args.hflip, args.seed,
                                    size=args.train_images or None)
     val_set = data.build_dataset(args.data, args.resolution, False, seed=args.seed)
+    if len(train_set) // run.world < args.batch_size:   # no full batch: the loader would spin
+        raise cli.UserError(f'--batch_size {args.batch_size} is more than the {len(train_set)} '
+                            f'training images give each of {run.world} process(es)')
     master_print(f'data: {len(train_set)} train / {len(val_set)} val images, '
                  f'{train_set.num_classes} classes; {args.total_batch_size} images a step = '
                  f'{run.world} process(es) x {args.batch_size} x {accum} accumulation; device '
@@ -288,7 +291,7 @@ def train_step(model, disc, task, batches, state, args, run, accum, lr, sums):
     """One optimizer step at learning rate lr over accum micro-batches: forward and backward of
     the task's loss (gradients all-reduced on the last micro-batch only), its discriminator's,
     clipping, AdamW, EMA; figures added to sums. A step whose loss or gradient norm is not
-    finite is skipped whole. Returns the last micro-batch and whether the step was taken."""
+    finite is skipped whole. Returns the last micro-batch and the step's loss (None: skipped)."""
     step, scaler, before = state['step'], state['scaler'], dict(sums)
     for opt in (state['optimizer'], state['disc_opt']):
         for group in (opt.param_groups if opt is not None else []):
@@ -331,12 +334,12 @@ def train_step(model, disc, task, batches, state, args, run, accum, lr, sums):
     if not ok:   # a diverged step changes nothing: weights, EMA and logged figures stay
         sums.clear()
         sums.update(before)
-        return batch, False
+        return batch, None
     if state['ema'] is not None:
         weights = state['raw_model'].state_dict().values()
         for e, p in zip(state['ema'].state_dict().values(), weights):
             e.lerp_(p, 1 - args.ema) if e.is_floating_point() else e.copy_(p)
-    return batch, True
+    return batch, sums['loss'] - before.get('loss', 0.0)
 
 
 def main(args):
@@ -356,6 +359,7 @@ def fit(args, run):
     ckpt = checkpoint.to_resume(ckpt_path, args, MODELS[args.model].frozen, master_print)
     task = MODELS[args.model](args, train_set, val_set, run)
     state = build(task, args, run, ckpt, master_print)
+    keeper = checkpoint.Keeper(ckpt_path, ckpt, run)   # saves only states it can trust
     raw_model, ema, disc = state['raw_model'], state['ema'], state['disc']
     model = torch.compile(raw_model) if args.compile else raw_model   # compiles at the first step
     if run.world > 1:
@@ -363,7 +367,7 @@ def fit(args, run):
                     if run.device.startswith('cuda') else None)
         disc = DDP(disc) if disc is not None else None
     eval_model = ema if ema is not None else raw_model   # validation and pictures use the EMA
-    fid_ref = held_out_fid(task, val_set, args, run, master_print)
+    fid_ref = fid.HeldOut.for_run(task, val_set, args, run.device, master_print)
     log_path = os.path.join(args.out_dir, 'log.txt')
     log = lambda line: checkpoint.append_log(line, log_path if master else None)
     batches = data.endless_batches(task.train_set, args.batch_size, args.num_workers, run.rank,
@@ -376,18 +380,17 @@ def fit(args, run):
         step = state['step']
         torch.manual_seed(args.seed * 1_000_003 + run.rank * 10_007 + step)  # resumable RNG
         lr = lr_at(step, args)
-        batch, ok = train_step(model, disc, task, batches, state, args, run, accum, lr, sums)
+        batch, loss = train_step(model, disc, task, batches, state, args, run, accum, lr, sums)
         step = state['step'] = step + 1
         bar.update(1)
-        bad_in_a_row = 0 if ok else bad_in_a_row + 1
-        if not ok:
+        keeper.after_step(loss)
+        bad_in_a_row = 0 if loss is not None else bad_in_a_row + 1
+        if loss is None:
             counts['skipped_steps'] = counts.get('skipped_steps', 0.0) + torch.tensor(1.0)
             if bad_in_a_row >= args.max_bad_steps:
                 bar.close()
-                raise cli.UserError(f'stopping at step {step}: the loss or gradient was not '
-                                  f'finite in the last {bad_in_a_row} steps (each skipped; '
-                                  f'{ckpt_path} is the last checkpoint). Lower --lr (now '
-                                  f'{args.lr:g}), then rerun.')
+                keeper.diverged(f'at step {step}, the loss or gradient was not finite in the '
+                                f'last {bad_in_a_row} steps (--lr {args.lr:g})')
         elif hasattr(task, 'after_step'):
             for k, v in task.after_step(raw_model, batch, step).items():
                 counts[k] = counts.get(k, 0.0) + torch.tensor(float(v))
@@ -410,27 +413,19 @@ def fit(args, run):
                                                   f'{task.picture_name}_{step:06d}.png'))
         if step % args.save_every == 0 or last:
             state['skipped'] = state['bad'].sync()   # all ranks' files, saved as a list of paths
-            if master:
-                checkpoint.save_run(ckpt_path, state, task.config, args, task.frozen,
-                                    train_set.class_names)
+            keeper.save(state, task.config, args, task.frozen, train_set.class_names)
             dist.barrier()
         if last:
             break
     bar.close()
     if state['step'] == start:   # already done: report the finished run again
         held_out = validate(eval_model, task, args, run)
+    values = [x for v in held_out.values() for x in (v if isinstance(v, list) else [v])]
+    if not all(math.isfinite(x) for x in values):   # a diverged run must not pass for done
+        keeper.diverged(f'the held-out figures are not finite: {format_stats(held_out)}', True)
     if master:
         report(task, held_out, fid_ref, args, state, ckpt_path, log_path)
     return raw_model
-
-
-def held_out_fid(task, val_set, args, run, master_print):
-    """fid.HeldOut of the first --fid_images held-out images (statistics cached beside
-    --out_dir) if the task makes images: fid_images(model, indices) -> (b, 3, H, W)."""
-    n = min(args.fid_images, len(val_set)) if hasattr(task, 'fid_images') else 0
-    key = (os.path.abspath(args.data), args.resolution, len(val_set), args.seed)
-    cache = os.path.join(os.path.dirname(os.path.abspath(args.out_dir)), 'fid_stats')   # shared
-    return fid.HeldOut.start(n, key, cache, val_set, run.device, master_print)
 
 
 def report(task, held_out, fid_ref, args, state, ckpt_path, log_path):
