@@ -18,6 +18,7 @@ and exits with status 1, without a traceback.
 """
 import collections
 import errno
+import hashlib
 import math
 import os
 import pickle
@@ -134,6 +135,53 @@ def load(path, what='checkpoint', foreign=False):
     if foreign and is_fairseq(obj):
         obj.update({k: plain(obj[k]) for k in ('cfg', 'args') if k in obj})
     return obj
+
+
+def describe(obj):
+    """What a loaded file holds, in a few words, for the one-line errors."""
+    if isinstance(obj, dict) and isinstance(obj.get('kind'), str):
+        return f"a train.py --model {obj['kind']} checkpoint"
+    if is_fairseq(obj):
+        return "a fairseq checkpoint (DiGIT's released stage 1 or 2)"
+    if isinstance(obj, dict):
+        n = sum(isinstance(v, torch.Tensor) for v in obj.values())
+        return f'a dict of {len(obj)} entries ({n} tensors; keys {", ".join(map(str, obj))[:60]})'
+    return f'a {type(obj).__name__}'
+
+
+def load_run(path, what, kinds):
+    """A train.py checkpoint of one of `kinds` (a dict with kind, config, model), or one
+    UserError line naming the file, what it holds and what `what` expected."""
+    return check_run(load(path, what), path, what, kinds)
+
+
+def check_run(obj, path, what, kinds):
+    """obj, loaded from path, if it is a train.py checkpoint of one of `kinds` (load_run)."""
+    if not (isinstance(obj, dict) and obj.get('kind') in kinds
+            and all(isinstance(obj.get(k), dict) for k in ('config', 'model'))):
+        raise UserError(f'{what} {path} holds {describe(obj)}, not a train.py --model '
+                        f'{" or ".join(kinds)} checkpoint')
+    return obj
+
+
+def fill(model, state, source, what):
+    """model.load_state_dict(state, strict=True) when every key and shape fits, else one
+    UserError line naming `source`: how many keys are missing, unexpected or mis-shaped, and
+    the first two of each."""
+    if not isinstance(state, dict):
+        raise UserError(f'{source} holds {describe(state)}, not the weights of {what}')
+    want = model.state_dict()
+    shape = lambda t: tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+    problems = {'missing': [k for k in want if k not in state],
+                'unexpected': [str(k) for k in state if k not in want],
+                'mis-shaped': [f'{k} {shape(state[k])} for {shape(v)}' for k, v in want.items()
+                               if k in state and shape(state[k]) != shape(v)]}
+    found = [f'{len(keys)} {name} ({", ".join(keys[:2])}{", ..." if len(keys) > 2 else ""})'
+             for name, keys in problems.items() if keys]
+    if found:
+        raise UserError(f'{source} does not fit {what}: ' + '; '.join(found))
+    model.load_state_dict(state, strict=True)
+    return model
 
 
 def _first_line(e):
@@ -254,22 +302,39 @@ DATA_FLAGS = ('data', 'resolution', 'train_images')
 
 def to_resume(path, args, frozen, master_print):
     """The checkpoint of this --out_dir, if --resume auto finds one of this --model, made from
-    the same data and the same frozen inputs (a resume must not train on other tokens)."""
+    the same data and the same frozen inputs, by path and by content (args.frozen_sha256, saved
+    with the args): a resume must not train on other tokens."""
+    files = {k: getattr(args, k) for k in frozen if isinstance(getattr(args, k), str)}
+    args.frozen_sha256 = {k: sha256(f) for k, f in files.items() if os.path.isfile(f)}
     if args.resume != 'auto' or not os.path.exists(path):
         return None
     ckpt = load(path)
-    if ckpt.get('kind') != args.model:
-        raise UserError(f"{path} holds a {ckpt.get('kind')} run, not {args.model}: "
-                         'choose another --out_dir or pass --resume never')
-    before = ckpt.get('args', {})
+    keys = ('config', 'model', 'optimizer', 'step', 'data_cursor', 'args', 'scaler')
+    if not (isinstance(ckpt, dict) and ckpt.get('kind') == args.model
+            and all(k in ckpt for k in keys)):
+        raise UserError(f'{path} holds {describe(ckpt)}, not a {args.model} run to resume: '
+                        'choose another --out_dir or pass --resume never')
+    before = ckpt['args']
     changed = [f'--{k} {before[k]} (now {getattr(args, k)})' for k in (*DATA_FLAGS, *frozen)
                if k in before and before[k] != getattr(args, k)]
+    changed += [f'--{k} {getattr(args, k)} (its contents have changed)'
+                for k, digest in before.get('frozen_sha256', {}).items()
+                if args.frozen_sha256.get(k, digest) != digest]
     if changed:
         raise UserError(f"{path} was trained with {', '.join(changed)}: resuming would train "
-                         'on other data; rerun with the same flags, or pass --resume never or '
-                         'another --out_dir')
+                        'on other data; rerun with the same flags, or pass --resume never or '
+                        'another --out_dir')
     master_print(f'resuming from {path} at step {ckpt["step"]}')
     return ckpt
+
+
+def sha256(path):
+    """The SHA-256 of a file's bytes, read in 16 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 24), b''):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def save_run(path, state, config, args, frozen, class_names, **extra):
@@ -375,6 +440,7 @@ def restore(state, ckpt):
     if state['disc'] is not None and ckpt.get('disc'):
         state['disc'].load_state_dict(ckpt['disc'])
         state['disc_opt'].load_state_dict(ckpt['disc_optimizer'])
-    state['scaler'].load_state_dict(ckpt['scaler'])
+    if ckpt['scaler'] and state['scaler'].is_enabled():   # fp16 runs only; --dtype may change
+        state['scaler'].load_state_dict(ckpt['scaler'])
     state.update(step=ckpt['step'], cursor=tuple(ckpt['data_cursor']),
                  skipped=ckpt['skipped_files'])

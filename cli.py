@@ -24,8 +24,9 @@ class UserError(SystemExit):
 
 def run(main):
     """The error boundary of a command: main() runs; a UserError, an OSError (a file that
-    cannot be read or written: it names the file) or Ctrl-C ends the command with one line on
-    stderr, exit status 1 (130 for Ctrl-C). Any other exception keeps its traceback: a bug."""
+    cannot be read or written: it names the file), running out of memory or Ctrl-C ends the
+    command with one line on stderr, exit status 1 (130 for Ctrl-C). Any other exception keeps
+    its traceback: a bug."""
     try:
         return main()
     except KeyboardInterrupt:
@@ -33,6 +34,13 @@ def run(main):
         sys.exit(130)
     except OSError as e:
         sys.exit(os_error_line(e))
+    except (MemoryError, RuntimeError) as e:   # torch: 'can't allocate memory', 'out of memory'
+        text = str(e).strip().splitlines()[-1:] or [type(e).__name__]
+        if not isinstance(e, MemoryError) and 'allocate' not in text[0] \
+                and 'out of memory' not in text[0]:
+            raise
+        sys.exit(f'out of memory ({text[0][:160]}): lower --batch_size, --resolution or '
+                 '--depth')
 
 
 def os_error_line(e, path=None):
@@ -63,6 +71,7 @@ positive_float = number(float, lambda v: math.isfinite(v) and v > 0, 'a positive
 nonneg_float = number(float, lambda v: math.isfinite(v) and v >= 0, 'a number >= 0')
 fraction = number(float, lambda v: 0 <= v <= 1, 'a number in [0, 1]')
 below_one = number(float, lambda v: 0 <= v < 1, 'a number in [0, 1)')
+seed = number(int, lambda v: 0 <= v < 2 ** 31, 'an integer in [0, 2^31)')
 
 
 def positive_ints(text):

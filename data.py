@@ -4,16 +4,14 @@ dataset, so every stage also runs offline. image is float32 (3, H, W) in [-1, 1]
 normalize_01_into_pm1); bad = (index, n): the n files from the sample's own on were unreadable and
 skipped, which BadFiles counts once per file across epochs, DataLoader workers and ranks.
 
-ImageFolder reproduces official VAR's transform (utils/data.py) with PIL only, no torchvision:
-shorter side to round(mid_reso * resolution) with LANCZOS, random (train) or center (eval) crop,
-optional horizontal flip in training. Deviations from torchvision's ImageFolder: every PIL mode
-becomes RGB (alpha composited onto white, 16-bit and float rescaled, not clipped); hidden files
-and folders are ignored; empty and non-image files are skipped with one warning; files are
-listed once (links, loops); a corrupt file never crashes an epoch (the next file is used instead).
-ProceduralDataset: class-conditional images with structure at three scales (background layout,
-a shape, a fine texture), rendered on the fly from (seed, index). Select it with --data builtin.
-ShardedSampler / endless_batches: each rank's share of a per-epoch permutation, resumable
-mid-epoch from a saved cursor.
+ImageFolder reproduces official VAR's transform (utils/data.py) with PIL only: shorter side to
+round(mid_reso * resolution) with LANCZOS, random (train) or center (eval) crop, optional flip.
+Unlike torchvision's ImageFolder, every PIL mode becomes RGB (alpha onto white, 16-bit and float
+rescaled); hidden, empty and non-image files are skipped with one warning; files are listed once
+(links, loops); a corrupt file never crashes an epoch (the next file is used instead).
+ProceduralDataset (--data builtin): class-conditional images with structure at three scales
+(background, shape, texture), rendered from (seed, index). ShardedSampler / endless_batches:
+each rank's share of a per-epoch permutation, resumable mid-epoch from a saved cursor.
 
     python data.py    # writes procedural_grid.png: 4 samples of each of the 10 classes
 """
@@ -22,6 +20,7 @@ import heapq
 import math
 import os
 import warnings
+from contextlib import suppress
 
 import numpy as np
 import torch
@@ -67,6 +66,7 @@ def list_images(folder, exclude=()):
     paths; files of `exclude` are left out; one warning names the skips. -> (sorted image paths,
     sorted other files: wrong extension or 0 bytes, {(inode, device): (path, top folder)})."""
     heap, entered, other, repeats = [(0, 0, folder, '')], {}, [], []
+    root = os.path.realpath(folder)   # a link to it or above it (`..`): not entered
     images = dict.fromkeys(exclude, ((-1,), ''))  # always the better path: left out below
     while heap:  # (symlinks on the path, depth, path, top): the smallest first
         links, depth, path, top = heapq.heappop(heap)
@@ -75,7 +75,9 @@ def list_images(folder, exclude=()):
             continue
         for e in (e for e in os.scandir(path) if not e.name.startswith('.')):  # hidden: not data
             key = (links + e.is_symlink(), depth + 1, e.path)
-            if e.is_dir():
+            if e.is_symlink() and e.is_dir() and contains(os.path.realpath(e.path), root):
+                repeats.append(e.path)
+            elif e.is_dir():
                 heapq.heappush(heap, (*key, top or e.name))
             elif e.name.lower().endswith(IMG_EXTENSIONS) and e.is_file() and e.stat().st_size:
                 fid = os.stat(e.path)[1:3]  # (inode, device); e.stat() has none on Windows
@@ -88,6 +90,10 @@ def list_images(folder, exclude=()):
         warnings.warn(f'{folder}: skipped {len(repeats)} repeats (loops, links): {repeats[:3]}')
     images = {fid: (key[2], top) for fid, (key, top) in images.items() if fid not in exclude}
     return sorted(p for p, _ in images.values()), sorted(other), images
+
+
+def contains(folder, path):   # of real paths: path is folder or inside it
+    return os.path.commonpath([folder, path]) == folder
 
 
 class ImageFolder(torch.utils.data.Dataset):
@@ -117,20 +123,23 @@ class ImageFolder(torch.utils.data.Dataset):
             warnings.warn(f'{root}: class folders without images (still classes): {empty}')
         if not self.samples:
             raise UserError(f'no images found in {root} (looked for {IMG_EXTENSIONS})')
+        self.first_readable(0)   # one file at least decodes (it stops at the first)
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, index):
         """(image (3, H, W), label, bad = (index, n)): n unreadable files from index on skipped."""
+        img, label, n = self.first_readable(index)
+        return self.transform(img), label, torch.tensor([index, n])
+
+    def first_readable(self, index):
+        """(PIL image, label, n): the first file from index on that decodes, n files skipped."""
         for n in range(len(self.samples)):
             path, label = self.samples[(index + n) % len(self.samples)]
-            try:
-                img = load_rgb(path)
-            except Exception:  # PIL raises OSError, SyntaxError, ValueError, zlib.error...
-                continue
-            return self.transform(img), label, torch.tensor([index, n])
-        raise RuntimeError(f'all {len(self.samples)} files in {self.root} failed to load')
+            with suppress(Exception):  # PIL raises OSError, SyntaxError, ValueError, zlib.error...
+                return load_rgb(path), label, n
+        raise UserError(f'{self.root}: none of its {len(self.samples)} image files can be read')
 
     def transform(self, img):
         """VAR's transform: resize (shorter side, LANCZOS), crop, flip, to (3, H, W) in [-1, 1]."""

@@ -199,10 +199,10 @@ class Stage2Training:
             depth=args.depth, num_classes=0, dropout=args.dropout,
             source_vocab_size=tok.vocab_size, source_len=tok.grid ** 2))
         self.stage1 = None   # with --gpt of this tokenizer: FID of the whole chain's samples
-        if args.fid_images and os.path.exists(args.gpt):
-            s1 = gpt.GPT.from_checkpoint(checkpoint.load(args.gpt, '--gpt', foreign=True), ['gpt'])
+        if os.path.exists(args.gpt):   # read even with FID off: a wrong file is an error
+            s1 = gpt.GPT.from_checkpoint(args.gpt, ['gpt'], source=f'--gpt {args.gpt}')
             if (s1.config.vocab_size, s1.config.block_size) == (tok.vocab_size, tok.grid ** 2):
-                self.stage1 = s1.to(run.device)
+                self.stage1 = s1.to(run.device) if args.fid_images else None
 
     def build(self):
         return gpt.GPT(**self.config)

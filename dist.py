@@ -19,6 +19,8 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
+from cli import UserError
+
 
 def best_device(mps=True):
     """cuda, else Apple's mps (if allowed: it has no float64, which K-Means sums in), else cpu."""
@@ -32,7 +34,7 @@ def setup(device='', mps=True, tf32=False):
     tf32: TF32 matmuls and convolutions on CUDA (faster, not bit-reproducible across GPUs; the
     official VAR code's setting). Returns (device, rank, world); device is e.g. 'cuda:3' for
     the process of LOCAL_RANK 3."""
-    device = device or best_device(mps)
+    device = checked_device(device) if device else best_device(mps)
     if tf32 and torch.device(device).type == 'cuda':
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if 'RANK' not in os.environ:
@@ -42,6 +44,40 @@ def setup(device='', mps=True, tf32=False):
         torch.cuda.set_device(device)
     dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
     return device, dist.get_rank(), dist.get_world_size()
+
+
+def checked_device(device):
+    """--device as given, or a UserError if this machine has no such device."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        kind = None
+    if kind not in ('cpu', 'cuda', 'mps'):
+        raise UserError(f'--device {device!r} is not a device: cpu, cuda, cuda:N or mps')
+    if kind == 'cuda' and not torch.cuda.is_available():
+        raise UserError(f'--device {device}: torch finds no CUDA device here (--device cpu?)')
+    if kind == 'cuda' and (torch.device(device).index or 0) >= torch.cuda.device_count():
+        raise UserError(f'--device {device}: this machine has {torch.cuda.device_count()} GPUs')
+    if kind == 'mps' and not torch.backends.mps.is_available():
+        raise UserError(f'--device {device}: Apple MPS is not available here (--device cpu?)')
+    return device
+
+
+def check_fits(task, device, args):
+    """A UserError if the parameters of task.build() (built on the meta device: no memory),
+    their gradients and AdamW's two moments (16 bytes each in fp32) exceed the memory of the
+    device (the machine's, for the CPU)."""
+    with torch.device('meta'):
+        n_params = sum(p.numel() for p in task.build().parameters())
+    if torch.device(device).type == 'cuda':
+        have = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    else:
+        have = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    if 16 * n_params > have:
+        raise UserError(f'--model {args.model} --depth {args.depth} at --resolution '
+                        f'{args.resolution} has {n_params / 1e6:,.0f}M parameters: about '
+                        f'{16 * n_params / 2 ** 30:,.0f} GiB for them, their gradients and AdamW, '
+                        f'more than the {have / 2 ** 30:.0f} GiB of {device}')
 
 
 Run = namedtuple('Run', 'device rank world autocast')   # what a training task knows of the run

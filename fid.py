@@ -41,7 +41,7 @@ import cli
 import data
 import dist
 from cli import UserError
-from data import list_images, load_rgb
+from data import IMG_EXTENSIONS, list_images, load_rgb
 from inception import (MODES, WEIGHTS_NAME, center_crop, find_weights, load_inception,
                        preprocess)
 from kmeans import no_tf32, sq_dists
@@ -300,7 +300,10 @@ def read_input(path, model, args, images=True):
     rank, world = dist.rank_world()
     shard = lambda n: (n * rank // world, n * (rank + 1) // world)  # noqa: E731 contiguous
     if os.path.isdir(path):
-        paths = list_images(path)[0]
+        paths, other, _ = list_images(path)
+        empty = [p for p in other if p.lower().endswith(IMG_EXTENSIONS)]   # 0 bytes: unreadable
+        for p in empty if rank == 0 else ():
+            warnings.warn(f'skipping unreadable image {p}: an empty file (0 bytes)')
         if not paths:
             raise UserError(f'fid: no images found in {path}')
         start, stop = shard(len(paths))
@@ -309,6 +312,7 @@ def read_input(path, model, args, images=True):
                                              collate_fn=list)
         out = checked(extract(model, loader, args.mode, args.device, len(paths),
                               os.path.basename(path)), path, model)
+        out['n_bad'] += len(empty)
         return dict(out, what=f'{out["n"]} images ({out["n_bad"]} unreadable skipped)')
     keys, stats = read_npz(path, args.mode)
     what = 'statistics' if 'mu' in keys else ''

@@ -255,22 +255,22 @@ class GPT(nn.Module):
         return out
 
     @classmethod
-    def from_checkpoint(cls, ckpt, kinds=('gpt', 'stage2'), use_ema=True):
+    def from_checkpoint(cls, ckpt, kinds=('gpt', 'stage2'), use_ema=True, source=None):
         """A GPT from a train.py checkpoint of one of `kinds` (its EMA weights if it has them
         and use_ema) or from DiGIT's released fairseq stage 1 ('gpt') or stage 2 ('stage2'),
-        a path or its loaded dict (checkpoint.load(path, foreign=True)), in eval mode."""
+        a path or its loaded dict (checkpoint.load(path, foreign=True)), in eval mode. Errors
+        name `source` (default: the path)."""
         state = checkpoint.load(ckpt, 'GPT checkpoint', foreign=True) if isinstance(
             ckpt, (str, os.PathLike)) else ckpt
         if checkpoint.is_fairseq(state):
             config, weights = from_fairseq(state)
             kind, state = 'stage2' if config['source_len'] else 'gpt', dict(config=config)
             state.update(kind=kind, model=weights, ema=None)
-        if not isinstance(state, dict) or state.get('kind') not in kinds:
-            kind = state.get('kind') if isinstance(state, dict) else type(state).__name__
-            raise ValueError(f'expected a {" or ".join(kinds)} checkpoint, got {kind}')
+        source = source or (ckpt if isinstance(ckpt, (str, os.PathLike)) else 'the checkpoint')
+        checkpoint.check_run(state, source, 'GPT checkpoint', kinds)
         model = cls(**state['config'])
-        model.load_state_dict(state['ema'] if use_ema and state.get('ema') else state['model'])
-        return model.eval()
+        weights = state['ema'] if use_ema and state.get('ema') else state['model']
+        return checkpoint.fill(model, weights, source, f'GPT({state["config"]})').eval()
 
 
 # DiGIT's released checkpoints are fairseq TransformerDecoders (DiGIT's official code: the models

@@ -419,7 +419,7 @@ def build_parser():
     p.add_argument('--max_points_per_centroid', type=cli.nonneg_int, default=256, help='0: all')
     p.add_argument('--tol', type=cli.nonneg_float, default=0.0, help='stop at this relative drop')
     p.add_argument('--spherical', action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument('--seed', type=cli.nonneg_int, default=0)
+    p.add_argument('--seed', type=cli.seed, default=0)
     p.add_argument('--device', default='', help="'' = cuda if available, else cpu")
     p.add_argument('--out', default='km.npy', help='output centroids, float32 [K, D]')
     return p

@@ -30,6 +30,7 @@ sample i has class i % num_classes (50 per class for 50,000 ImageNet samples). E
 the samples i = rank, rank + world, ... and saves them; rank 0 gathers them into the file.
 """
 import argparse
+import glob
 import os
 
 import numpy as np
@@ -77,7 +78,7 @@ def build_parser():
     p.add_argument('--more_smooth', action='store_true', help='Gumbel-softmax codes (for looks)')
     p.add_argument('--temperature', type=cli.positive_float, default=1.0,
                    help='softmax temperature')
-    p.add_argument('--seed', type=cli.nonneg_int, default=0, help='sampling seed')
+    p.add_argument('--seed', type=cli.seed, default=0, help='sampling seed')
     p.add_argument('--num_samples', type=cli.nonneg_int, default=0,
                    help='write this many samples to --npz')
     p.add_argument('--npz', default='samples.npz', help='output of --num_samples')
@@ -101,6 +102,8 @@ def get_args(argv=None):
         p.error('argument --edit_mask: required with --edit_image')
     if args.edit_mask and not args.edit_image:
         p.error('argument --edit_image: required with --edit_mask')
+    if args.num_samples and os.path.isdir(args.npz):
+        p.error(f'argument --npz: {args.npz} is a folder; name the .npz file to write')
     return args
 
 
@@ -141,13 +144,6 @@ def digit_top_k(vocab_size):
     return max(1, round(300 * vocab_size / 8192))
 
 
-def load_gpt(state, kind, flag, path, use_ema):
-    try:
-        return gpt.GPT.from_checkpoint(state, [kind], use_ema)
-    except ValueError as e:
-        raise UserError(f'{flag} {path}: {e}') from None
-
-
 def load_digit(args, ckpt, device):
     """DiGIT's chain: GPT -> DiGIT tokens -> stage 2 -> VQ tokens -> pixels, through stage 2's
     VQVAE (ours) or MAGE's VQGAN (DiGIT's released stage 2: --vqgan, or the copy inside it)."""
@@ -155,8 +151,10 @@ def load_digit(args, ckpt, device):
         raise UserError(f'--stage2 {args.stage2} not found: train it (python train.py --model '
                       'stage2) to turn DiGIT tokens into pixels')
     s2_ckpt = checkpoint.load(args.stage2, '--stage2', foreign=True)
-    stage2 = load_gpt(s2_ckpt, 'stage2', '--stage2', args.stage2, not args.no_ema).to(device)
-    stage1 = load_gpt(ckpt, 'gpt', '--ckpt', args.ckpt, not args.no_ema).to(device)
+    stage2 = gpt.GPT.from_checkpoint(s2_ckpt, ['stage2'], not args.no_ema,
+                                     f'--stage2 {args.stage2}').to(device)
+    stage1 = gpt.GPT.from_checkpoint(ckpt, ['gpt'], not args.no_ema, f'--ckpt {args.ckpt}')
+    stage1 = stage1.to(device)
     if (stage2.config.source_len, stage2.config.source_vocab_size) != \
             (stage1.config.block_size, stage1.config.vocab_size):
         raise UserError(f'{args.stage2} was trained on another DiGIT tokenizer than {args.ckpt}')
@@ -166,11 +164,21 @@ def load_digit(args, ckpt, device):
             raise UserError(f"--cfg {args.cfg}: DiGIT's released stage 1 learnt no null class, "
                           'so it has no guidance; use --cfg 0')
     defaults(args, cfg=2.0, top_k=digit_top_k(stage1.config.vocab_size), top_p=0.0)
+    if checkpoint.is_fairseq(s2_ckpt) and args.vae:
+        raise UserError(f'--vae {args.vae}: DiGIT\'s released stage 2 decodes with MAGE\'s '
+                        'VQGAN (--vqgan, or the copy inside --stage2), not a VQVAE')
     if checkpoint.is_fairseq(s2_ckpt):
         vae = vqgan.VQGAN.from_checkpoint(args.vqgan) if args.vqgan else \
             vqgan.VQGAN.from_state_dict(s2_ckpt['model'], 'vqgan.', f'--stage2 {args.stage2}')
+    elif args.vqgan:
+        raise UserError(f'--vqgan {args.vqgan}: only DiGIT\'s released stage 2 decodes with a '
+                        f'VQGAN; {args.stage2} decodes with its VQVAE (--vae)')
     else:
         vae = vqvae.VQVAE.from_checkpoint(args.vae or s2_ckpt['vae'])
+    codes = (len(vae.config.patch_nums), vae.config.vocab_size)
+    if codes != (1, stage2.config.vocab_size):
+        raise UserError(f'--vae {args.vae or s2_ckpt["vae"]} has {codes[0]} scales of '
+                        f'{codes[1]} codes; stage 2 writes 1 scale of {stage2.config.vocab_size}')
     vae = vae.to(device).eval()
 
     def generate(labels, seed, **edit):
@@ -189,7 +197,7 @@ def load_image(path, resolution, mode='RGB'):
     does not decode is SystemExit naming it."""
     try:
         img = data.load_rgb(path).convert(mode)
-    except (OSError, SyntaxError, ValueError) as e:   # PIL's errors: missing, not an image, cut
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:   # PIL's
         raise UserError(f'image {path} does not read: {type(e).__name__}: {e}') from None
     w, h = img.size
     s = min(w, h)
@@ -215,6 +223,11 @@ def main(args):
     n_labels = max(K, 1)   # unconditional: every sample gets label 0, the BOS
     resolution = vae.config.patch_nums[-1] * vae.downsample
     if args.num_samples:   # N samples for FID, sharded over ranks
+        prefix = glob.escape(args.npz)   # the shards and temporary files of a killed run:
+        for old in glob.glob(prefix + '.rank*.npy*') + glob.glob(prefix + '.tmp*'):
+            if rank == 0:
+                os.remove(old)
+        dist.barrier()
         mine = list(range(rank, args.num_samples, world))
         out = []
         for b in tqdm(range(0, len(mine), args.batch_size), disable=rank != 0, desc='sampling'):

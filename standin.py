@@ -161,12 +161,16 @@ class Training:
     def finish_args(args):
         if args.lr is None:
             args.lr = 1e-3
+        args.patch_size = args.patch_size or max(1, args.resolution // 8)   # 8x8 tokens
+        if args.resolution % args.patch_size:
+            raise cli.UserError(f'--patch_size {args.patch_size} does not divide --resolution '
+                                f'{args.resolution}')
 
     def __init__(self, args, train_set, val_set, run):
         self.args, self.run = args, run
         self.train_set, self.val_set = train_set, val_set
         self.config = asdict(StandInConfig(
-            img_size=args.resolution, patch_size=args.patch_size or max(1, args.resolution // 8),
+            img_size=args.resolution, patch_size=args.patch_size,
             embed_dim=32 * args.depth, depth=args.depth, num_heads=max(1, args.depth // 2)))
 
     def build(self):

@@ -8,6 +8,7 @@ an error message, and is named after it.
 import argparse
 import errno
 import hashlib
+import io
 import math
 import os
 import pickle
@@ -19,6 +20,7 @@ import types
 import typing
 import warnings
 import zipfile
+import zlib
 from collections import OrderedDict, defaultdict
 
 import numpy as np
@@ -184,10 +186,8 @@ def test_data_clear_errors(tmp_path):
     (tmp_path / 'bad').mkdir()
     for i in range(3):
         (tmp_path / 'bad' / f'{i}.png').write_bytes(b'not a png')
-    ds = folder_dataset(tmp_path / 'bad')
-    with warnings.catch_warnings(), pytest.raises(RuntimeError, match='all 3 files'):
-        warnings.simplefilter('ignore')
-        ds[0]
+    with pytest.raises(SystemExit, match='bad: none of its 3 image files can be read'):
+        folder_dataset(tmp_path / 'bad')   # found when the dataset is built, not at a batch
 
 
 # --- labels and splits ---
@@ -623,14 +623,20 @@ def test_vqvae_usage_ema_and_dead_code_reseeding():
 def test_vqvae_checkpoint_errors_name_the_problem(tmp_path):
     var_like = {'blocks.0.attn.mat_qkv.weight': torch.zeros(3, 3)}
     torch.save(var_like, tmp_path / 'var.pth')
-    with pytest.raises(ValueError, match='VAR transformer'):
+    with pytest.raises(SystemExit, match='VAR transformer'):
         vqvae.VQVAE.from_checkpoint(tmp_path / 'var.pth')
     torch.save(tiny_vqvae().state_dict(), tmp_path / 'small.pth')   # bare dict = official config
-    with pytest.raises(RuntimeError, match='size mismatch for encoder.conv_in.weight'):
+    with pytest.raises(SystemExit, match=r'small.pth does not fit VQVAE\(.*\): \d+ missing .*; '
+                       r'\d+ mis-shaped \(encoder.conv_in.weight \(32, 3, 3, 3\) for \(160, 3'):
         vqvae.VQVAE.from_checkpoint(tmp_path / 'small.pth')
     torch.save(dict(kind='var', config={}, model={}), tmp_path / 'other.pt')
-    with pytest.raises(ValueError, match="'var' checkpoint, not a vqvae"):
+    with pytest.raises(SystemExit, match='holds a train.py --model var checkpoint, not a '
+                       'train.py --model vqvae'):
         vqvae.VQVAE.from_checkpoint(tmp_path / 'other.pt')
+    for foreign in ([1, 2], {'a': 1}):   # a plain list, a dict of no weights: one line each
+        torch.save(foreign, tmp_path / 'foreign.pt')
+        with pytest.raises(SystemExit, match='foreign.pt'):
+            vqvae.VQVAE.from_checkpoint(tmp_path / 'foreign.pt')
 
 
 def test_vqvae_checkpoint_round_trip_gives_identical_tokens(tmp_path):
@@ -1550,7 +1556,7 @@ def test_var_official_layout_checkpoint_round_trip(tmp_path):
     labels = torch.tensor([0, 1, 2, 3])
     assert torch.equal(loaded(labels, x), model(labels, x))
     torch.save(tiny_vqvae().state_dict(), tmp_path / 'vae.pth')
-    with pytest.raises(ValueError, match='not a VAR checkpoint'):
+    with pytest.raises(SystemExit, match='not a VAR checkpoint'):
         var.VAR.from_checkpoint(tmp_path / 'vae.pth', model.vae[0])
 
 
@@ -2020,10 +2026,10 @@ def test_vqgan_from_checkpoint_official_layout(tmp_path):
 
 
 @pytest.mark.parametrize('change, message', [
-    (lambda sd: sd.pop('decoder.up.1.upsample.conv.bias'), 'missing key decoder.up.1.upsample'),
-    (lambda sd: sd.update({'quant_conv.weight': torch.zeros(1)}), 'unexpected key quant_conv'),
+    (lambda sd: sd.pop('decoder.up.1.upsample.conv.bias'), r'1 missing \(decoder.up.1.upsample'),
+    (lambda sd: sd.update({'quant_conv.weight': torch.zeros(1)}), r'1 unexpected \(quant_conv'),
     (lambda sd: sd.update({'quantize.embedding.weight': torch.zeros(32, 8)}),
-     r'quantize.embedding.weight has shape \(32, 8\), not \(64, 8\)'),
+     r'1 mis-shaped \(quantize.embedding.weight \(32, 8\) for \(64, 8\)\)'),
 ])
 def test_vqgan_checkpoint_mismatch_is_one_line(tmp_path, change, message):
     sd = tiny_vqgan().state_dict()
@@ -2547,6 +2553,56 @@ def test_train_digit_chain_gpt_stage2_and_sample(tmp_path, fid_net, monkeypatch)
     assert args.top_k == 1 and [sample.digit_top_k(k) for k in (8192, 512)] == [300, 19]
     npz = np.load(tmp_path / 'd.npz')
     assert npz['arr_0'].shape == (3, 16, 16, 3) and list(npz['labels']) == [0, 1, 2]
+    with pytest.raises(SystemExit, match='--vqgan nope.ckpt: only DiGIT.s released stage 2'):
+        sample.main(sample.get_args(chain + ['--vqgan', 'nope.ckpt']))
+    vq = str(tmp_path / 'vq' / 'ckpt.pt')   # a file flag is read even where FID is off
+    with pytest.raises(SystemExit, match=f'--gpt {vq} holds a train.py --model vqvae checkpoint'):
+        train.main(train.get_args(tiny_run(tmp_path / 's2b', *s2, '--vae', vq, '--gpt', vq)))
+
+
+def test_tokenizer_fit_and_fid_count_unreadable_files_and_stay_in_their_folder(
+        tmp_path, fid_net, capsys):
+    """tokenizer.py fit skips, warns about and counts the bad files it meets; fid.py counts a
+    0-byte image as unreadable and never follows a link to the folder above (`..`) into a
+    sibling folder."""
+    folder = tmp_path / 'imgs'
+    save_images(folder / 'a', 30)
+    save_images(tmp_path / 'sibling', 5, start=50)
+    for i in range(3):
+        (folder / 'a' / f'bad{i}.png').write_bytes(b'\x89PNG not really')
+    (folder / 'a' / 'empty.png').write_bytes(b'')
+    os.symlink('..', folder / 'a' / 'up')
+    train.main(train.get_args(tiny_run(tmp_path / 'ssl', '--model', 'ssl', '--depth', '4',
+                                       '--patch_size', '4', '--max_iters', '1')))
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        tokenizer.main(['fit', '--encoder', str(tmp_path / 'ssl' / 'ckpt.pt'), '--k', '4',
+                        '--images', '40', '--n_iter', '1', '--data', str(folder),
+                        '--out', str(tmp_path / 'tok.pt'), '--device', 'cpu'])
+        assert '4 unreadable files were skipped' in capsys.readouterr().out
+        base = ['--weights', fid_net[1], '--batch_size', '8', '--num_workers', '0',
+                '--device', 'cpu', '--no_pr']
+        fid.main([str(folder), *base])
+    assert '30 images (4 unreadable skipped)' in capsys.readouterr().out
+
+
+def test_resume_refuses_a_frozen_input_whose_contents_changed_and_takes_another_dtype(
+        tmp_path):
+    """A VAR run resumed after the file at --vae was replaced by another VQVAE (same path)
+    is refused naming the flag; a tokenizer run resumed under --dtype float16 (GradScaler) or
+    back under float32 trains on."""
+    vae_run = tiny_run(tmp_path / 'vae', '--max_iters', '2')
+    train.main(train.get_args(vae_run))
+    vae = str(tmp_path / 'vae' / 'ckpt.pt')
+    run = tiny_run(tmp_path / 'var', '--model', 'var', '--depth', '1', '--vae', vae,
+                   '--max_iters', '4')
+    train.main(train.get_args(run + ['--stop_after', '2']))
+    train.main(train.get_args(vae_run + ['--max_iters', '3']))   # the tokenizer trains on
+    with pytest.raises(SystemExit, match=f'--vae {vae} .its contents have changed.'):
+        train.main(train.get_args(run))
+    train.main(train.get_args(vae_run + ['--max_iters', '4', '--dtype', 'float16']))
+    train.main(train.get_args(vae_run + ['--max_iters', '5', '--dtype', 'float32']))
+    assert torch.load(vae, weights_only=True)['step'] == 5
 
 
 def test_train_skips_unreadable_images_without_crashing(tmp_path):
@@ -2808,6 +2864,16 @@ def test_error_boundary_one_line_for_user_and_os_errors_traceback_for_bugs(capsy
     with pytest.raises(KeyError):
         cli.run(raises(KeyError('a bug in a loss')))
     assert cli.run(lambda: 7) == 7
+
+
+def test_a_bug_inside_a_models_loss_keeps_its_traceback(tmp_path, monkeypatch):
+    """train.py through its error boundary: a KeyError raised inside the task's loss is not
+    turned into one line (it is a bug, not a user's mistake)."""
+    def broken_loss(self, model, batch, step):
+        return {}['l2']
+    monkeypatch.setattr(vqvae_train.Training, 'loss', broken_loss)
+    with pytest.raises(KeyError, match='l2'):
+        cli.run(lambda: train.main(train.get_args(tiny_run(tmp_path, '--max_iters', '1'))))
 
 
 class Evil:
@@ -3389,7 +3455,8 @@ def make_cli_files(d):
         good='good.npz', noarr='noarr.npz', cut='cut.npz', npy='feats.npy', zero='zero.npz',
         floats='floats.npz', badmu='badmu.npz', nanmu='nanmu.npz', empty='empty_dir',
         unreadable='unreadable_dir', c16='c16.npy', cutnpy='cut.npy', nan='nan.npy', d8='d8.npy',
-        ints='ints.npy', missing='missing.npy').items()}
+        ints='ints.npy', missing='missing.npy', vae1='vae1.pt', bomb='bomb.png',
+        flat='flat', listrun='listrun', badimgs='badimgs').items()}
     torch.manual_seed(0)
     vae = vqvae.VQVAE(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2), num_res_blocks=1,
                       patch_nums=(1, 2, 3, 4, 6, 8), using_sa=True).eval()
@@ -3398,7 +3465,24 @@ def make_cli_files(d):
     model = var.VAR(vae, depth=2, num_classes=10, patch_nums=vae.config.patch_nums)
     checkpoint.save(dict(kind='var', config=vqvae.asdict(model.config), model=model.state_dict(),
                          ema=None, vae=p['vae']), p['var'])
+    vae1 = vqvae.VQVAE(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2), num_res_blocks=1,
+                       patch_nums=(8,))
+    checkpoint.save(dict(kind='vqvae', config=vqvae.asdict(vae1.config), model=vae1.state_dict(),
+                         ema=None), p['vae1'])
     checkpoint.save({'kind': 'gpt'}, p['gpt'])        # reaches the stage-2 checks, no further
+    png = io.BytesIO()
+    Image.new('RGB', (1, 1)).save(png, format='PNG')
+    ihdr = b'IHDR' + (30000).to_bytes(4, 'big') * 2 + png.getvalue()[24:29]   # 30000 x 30000
+    with open(p['bomb'], 'wb') as f:
+        f.write(png.getvalue()[:12] + ihdr + zlib.crc32(ihdr).to_bytes(4, 'big')
+                + png.getvalue()[33:])
+    save_images(p['flat'], 60)
+    os.makedirs(p['listrun'])
+    torch.save([1, 2, 3], os.path.join(p['listrun'], 'ckpt.pt'))   # a resume file of no run
+    os.makedirs(os.path.join(p['badimgs'], 'c'))
+    for i in range(60):
+        with open(os.path.join(p['badimgs'], 'c', f'{i}.png'), 'wb') as f:
+            f.write(b'\x89PNG not really')
     with open(p['garbage'], 'wb') as f:
         f.write(b'not a torch file at all')
     vit = DINOv2(embed_dim=32, depth=4, num_heads=2, img_size=56)
@@ -3436,10 +3520,11 @@ def make_cli_files(d):
 
 
 def _run_cli(module, argv):
-    """The command line in-process: main(argv), sample.py as main(get_args(argv))."""
+    """The command line in-process, through its error boundary as `python X.py` runs it:
+    main(argv), sample.py and train.py as main(get_args(argv))."""
     if module in ('sample', 'train'):
-        return MODULES[module].main(MODULES[module].get_args(argv))
-    return MODULES[module].main(argv)
+        return cli.run(lambda: MODULES[module].main(MODULES[module].get_args(argv)))
+    return cli.run(lambda: MODULES[module].main(argv))
 
 
 # the common tails of the argv of sample.py, fid.py, tokenizer.py fit and kmeans.py
@@ -3533,6 +3618,33 @@ BAD_COMMAND_LINES = [
     ('train', ['--model', 'var', '--attn', 'flex', '--device', 'cpu', '--out_dir', '{tmp}/o'],
      '--attn flex', 1),
     ('tokenizer', ['fit', '--encoder', '{dino}', '--data', '{tmp}/nowhere', *TA], 'nowhere', 1),
+    ('train', ['--seed', '-1'], '--seed', 2),
+    ('train', ['--seed', str(10 ** 15)], '--seed', 2),
+    ('sample', ['--ckpt', '{var}', '--seed', '1e15', *SA], '--seed', 2),
+    ('train', ['--device', 'foo', '--out_dir', '{tmp}/o'], '--device', 1),
+    ('train', ['--device', 'cuda:7' if torch.cuda.is_available() else 'cuda',
+               '--out_dir', '{tmp}/o'], '--device', 1),
+    ('sample', ['--ckpt', '{var}', *SA, '--device', 'tpu'], '--device', 1),
+    ('train', ['--patch_nums', '1,2,4', '--out_dir', '{tmp}/o'], '--patch_nums', 1),
+    ('train', ['--model', 'ssl', '--patch_size', '5', '--out_dir', '{tmp}/o'], '--patch_size', 1),
+    ('train', ['--model', 'ssl', '--depth', '4000', '--out_dir', '{tmp}/o'], '--depth 4000', 1),
+    ('train', ['--train_images', '3', '--batch_size', '4', '--total_batch_size', '4',
+               '--out_dir', '{tmp}/o'], '--batch_size 4', 1),
+    ('train', ['--data', '{flat}', '--out_dir', '{flat}/run'], '--out_dir', 1),
+    ('train', ['--out_dir', '{png}'], '--out_dir', 1),
+    ('train', ['--out_dir', '{listrun}', '--max_iters', '1'], 'listrun', 1),
+    ('train', ['--data', '{badimgs}', '--out_dir', '{tmp}/o'], 'badimgs', 1),
+    ('train', ['--model', 'var', '--vae', '{var}', '--out_dir', '{tmp}/o'], 'var.pt', 1),
+    ('train', ['--model', 'var', '--vae', '{gpt}', '--out_dir', '{tmp}/o'], 'gpt.pt', 1),
+    ('train', ['--model', 'var', '--vae', '{npy}', '--out_dir', '{tmp}/o'], 'feats.npy', 1),
+    ('train', ['--model', 'stage2', '--vae', '{vae}', '--tokenizer', '{tmp}/nowhere.pt',
+               '--out_dir', '{tmp}/o'], 'nowhere.pt', 1),
+    ('sample', ['--ckpt', '{var}', '--vae', '{vae1}', *SA], 'VQVAE given has (8,)', 1),
+    ('sample', ['--ckpt', '{var}', '--vae', '{var}', *SA], 'var.pt', 1),
+    ('sample', ['--ckpt', '{var}', '--num_samples', '2', '--npz', '{empty}', *SA[:-2]], '--npz',
+     2),
+    ('sample', ['--ckpt', '{var}', '--classes', '1', '--edit_image', '{bomb}', '--edit_mask',
+                '{png}', *SA], 'bomb.png', 1),
 ]
 
 
@@ -3551,11 +3663,15 @@ def test_help_prints_the_docstring_as_written():
 def test_cli_bad_flag_or_file_is_one_line_naming_it(cli_files, tmp_path, monkeypatch, capsys,
                                                     module, argv, named, status):
     """A bad flag is argparse's usage line and one error naming it, exit status 2; a bad file is
-    one line naming it, status 1 (SystemExit(message)); no traceback, no stray output file."""
+    one line naming it, status 1 (SystemExit(message)); no traceback, no stray output file, and
+    every file the command line names is byte-identical afterwards."""
     monkeypatch.chdir(tmp_path)   # whatever a wrong run would write lands here
     argv = [a.format(tmp=tmp_path, **cli_files) for a in argv]
+    named_files = [a for a in argv if os.path.isfile(a)]
+    before = [open(a, 'rb').read() for a in named_files]
     with pytest.raises(SystemExit) as e:
         _run_cli(module, argv)
+    assert [open(a, 'rb').read() for a in named_files] == before
     code, err = e.value.code, capsys.readouterr().err
     if status == 2:
         assert code == 2 and err.startswith('usage:'), (code, err)

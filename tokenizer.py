@@ -143,8 +143,8 @@ class Tokenizer(nn.Module):
                           'or a train.py --model ssl checkpoint goes to `tokenizer.py fit '
                           '--encoder`)')
         try:
-            encoder = DINOv2(**state['encoder_config'])
-            encoder.load_state_dict(state['encoder'])
+            encoder = checkpoint.fill(DINOv2(**state['encoder_config']), state['encoder'], path,
+                                      'its DINOv2 encoder')
             return cls(encoder, state['layer'], state['resolution'], state['centroids'])
         except (KeyError, TypeError, ValueError, RuntimeError) as e:   # edited or damaged
             raise UserError(f'tokenizer {path} does not load: {type(e).__name__}: '
@@ -159,8 +159,8 @@ def load_encoder(path):
     training resolution, K 512). Any other file is SystemExit naming it."""
     state = checkpoint.load(path, 'encoder')
     if isinstance(state, dict) and state.get('kind') == 'ssl':
-        model = standin.ContrastiveViT(**state['config'])
-        model.load_state_dict(state['ema'] or state['model'])
+        model = checkpoint.fill(standin.ContrastiveViT(**state['config']),
+                                state['ema'] or state['model'], path, 'the stand-in ViT')
         vit = model.vit.eval().requires_grad_(False)
         return vit, dict(layer=vit.config.depth - 3, resolution=vit.config.img_size, k=512)
     if not isinstance(state, dict) or 'cls_token' not in state:
@@ -232,11 +232,17 @@ def digit_encoder(tok):
 # Command line: fit a tokenizer (sharded over torchrun ranks), and the stability table
 
 def image_batches(dataset, indices, batch_size, num_workers, desc, show):
-    """Images (B, 3, H, W) of dataset[indices], in order, with a progress bar if show."""
+    """Images (B, 3, H, W) of dataset[indices], in order, with a progress bar if show; the
+    unreadable files met are skipped, warned about and counted once (data.BadFiles)."""
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices), batch_size,
                                          num_workers=num_workers)
-    for img, *_ in tqdm(loader, desc=desc, disable=not show, dynamic_ncols=True):
+    bad = data.BadFiles(dataset)
+    for img, _, skipped in tqdm(loader, desc=desc, disable=not show, dynamic_ncols=True):
+        bad.update(skipped)
         yield img
+    n_bad = len(bad.sync())   # every rank's (a collective: every rank reads all its batches)
+    if show and n_bad:
+        print(f'{n_bad} unreadable files were skipped')
 
 
 def build_parser():
@@ -271,7 +277,7 @@ def build_parser():
         q.add_argument('--num_workers', type=cli.nonneg_int, default=0,
                        help='data loader processes')
         q.add_argument('--device', default='', help="'' = cuda if available, else cpu")
-        q.add_argument('--seed', type=cli.nonneg_int, default=0)
+        q.add_argument('--seed', type=cli.seed, default=0)
     return p
 
 

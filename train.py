@@ -141,7 +141,7 @@ def add_shared_args(p):
                    help='torch.compile the model (default: on with CUDA when Triton is installed)')
     g.add_argument('--fused_adamw', action=argparse.BooleanOptionalAction,
                    help="AdamW's fused kernel, one launch for all tensors (default: on with CUDA)")
-    g.add_argument('--seed', type=int, default=0, help='seed of init, data order and sampling')
+    g.add_argument('--seed', type=cli.seed, default=0, help='init, data order, sampling')
     g = p.add_argument_group('output')
     g.add_argument('--out_dir', help='checkpoint, log and images go here (out/<model>)')
     g.add_argument('--resume', choices=['auto', 'never'], default='auto',
@@ -247,6 +247,7 @@ def build(task, args, run, ckpt, master_print):
         changed = {k: v for k, v in ckpt['config'].items() if task.config.get(k) != v}
         master_print(f'architecture taken from the checkpoint, not the flags: {changed}')
         task.config = ckpt['config']
+    dist.check_fits(task, run.device, args)   # its size first: one that cannot fit is one line
     torch.manual_seed(args.seed)   # same init on every rank
     raw_model = task.build().to(run.device)
     n_params = sum(p.numel() for p in raw_model.parameters())
@@ -271,7 +272,10 @@ def datasets(args, run, master_print):
     accum, rem = divmod(args.total_batch_size, args.batch_size * run.world)
     if rem or not accum:
         raise cli.UserError(f'--total_batch_size {args.total_batch_size} must be a multiple of '
-                          f'--batch_size {args.batch_size} x {run.world} processes')
+                            f'--batch_size {args.batch_size} x {run.world} processes')
+    if args.data != 'builtin' and data.contains(*map(os.path.realpath, (args.data, args.out_dir))):
+        raise cli.UserError(f'--out_dir {args.out_dir} is inside --data {args.data}: its PNGs '
+                            'would become training images; choose an --out_dir outside it')
     if args.num_workers < 0:   # the built-in data is made in memory
         args.num_workers = 0 if args.data == 'builtin' else min(8, os.cpu_count() // run.world)
     train_set = data.build_dataset(args.data, args.resolution, True, args.hflip, args.seed,

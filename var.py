@@ -237,26 +237,25 @@ class VAR(nn.Module):
         """Load an official var_d{16,20,24,30,36}.pth (a bare state dict; the architecture is
         read off its shapes) or a `train.py --model var` checkpoint, on top of `vae`."""
         ckpt = checkpoint.load(path, 'VAR checkpoint')
-        if 'model' in ckpt and 'config' in ckpt:
-            if ckpt.get('kind') != 'var':
-                raise ValueError(f"{path} is a '{ckpt.get('kind')}' checkpoint, not a var")
+        if isinstance(ckpt, dict) and 'kind' in ckpt:
+            checkpoint.check_run(ckpt, path, 'VAR checkpoint', ['var'])
             state, config = (ckpt['ema'] if use_ema and ckpt.get('ema') else ckpt['model'],
                              ckpt['config'])
         else:
             state = ckpt
-            if 'pos_1LC' not in state:
-                raise ValueError(f'{path} is not a VAR checkpoint (no pos_1LC; a VQVAE?)')
+            if not isinstance(state, dict) or 'pos_1LC' not in state:
+                raise UserError(f'{path} holds {checkpoint.describe(state)}, not a VAR '
+                                'checkpoint (no pos_1LC)')
             width = state['pos_1LC'].shape[-1]
             config = dict(depth=width // 64, num_classes=state['class_emb.weight'].shape[0] - 1,
                           patch_nums=vae.config.patch_nums,
                           attn_l2_norm='blocks.0.attn.scale_mul_1H11' in state,
                           shared_aln='blocks.0.ada_gss' in state)
-        model = cls(vae, **config)
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            raise RuntimeError(f'{path} does not fit VAR({config}):\n{e}') from None
-        return model
+        if tuple(config['patch_nums']) != tuple(vae.config.patch_nums):
+            raise UserError(f'{path} predicts the scales {tuple(config["patch_nums"])}, the '
+                            f'VQVAE given has {tuple(vae.config.patch_nums)}: pass the tokenizer '
+                            'it was trained on (--vae)')
+        return checkpoint.fill(cls(vae, **config), state, path, f'VAR({config})')
 
 
 def kept_positions(mask, pn):

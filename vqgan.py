@@ -214,18 +214,5 @@ class VQGAN(nn.Module):
         checkpoint). Every tensor must be used and none be missing, else one line naming it."""
         model = cls(**kwargs)
         state = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-        want = model.state_dict()
-        problems = [f'missing key {prefix}{k}' for k in want if k not in state]
-        problems += [f'unexpected key {prefix}{k}' for k in state if k not in want]
-        problems += [f'{prefix}{k} has shape {_shape(state[k])}, not {_shape(v)}'
-                     for k, v in want.items() if k in state and _shape(state[k]) != _shape(v)]
-        if problems:
-            more = f' (and {len(problems) - 1} more problems)' if len(problems) > 1 else ''
-            raise UserError(f'{source} does not fit VQGAN({asdict(model.config)}): '
-                          f'{problems[0]}{more}')
-        model.load_state_dict(state, strict=True)
-        return model
-
-
-def _shape(t):
-    return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        where = f'{source} (under {prefix!r})' if prefix else source
+        return checkpoint.fill(model, state, where, f'VQGAN({asdict(model.config)})')

@@ -431,21 +431,15 @@ class VQVAE(nn.Module):
         """Load the official `vae_ch160v4096z32.pth` (a bare state dict, default config) or a
         `train.py --model vqvae` checkpoint (config inside). Errors name what does not fit."""
         ckpt = checkpoint.load(path, 'VQVAE checkpoint')
-        if 'model' in ckpt and 'config' in ckpt:           # ours
-            if ckpt.get('kind') != 'vqvae':
-                raise ValueError(f"{path} is a '{ckpt.get('kind')}' checkpoint, not a vqvae")
+        if isinstance(ckpt, dict) and 'kind' in ckpt:     # ours
+            checkpoint.check_run(ckpt, path, 'VQVAE checkpoint', ['vqvae'])
             state = ckpt['ema'] if use_ema and ckpt.get('ema') else ckpt['model']
             model = cls(**ckpt['config'])
         else:                                             # official: the released tokenizer
             state, model = ckpt, cls()
-            if any(k.startswith('blocks.') for k in state):
-                raise ValueError(f'{path} holds a VAR transformer, not its VQVAE tokenizer')
-        ema = state.get('quantize.ema_vocab_hit_SV')
+            if isinstance(state, dict) and any(k.startswith('blocks.') for k in state):
+                raise UserError(f'{path} holds a VAR transformer, not its VQVAE tokenizer')
+        ema = state.get('quantize.ema_vocab_hit_SV') if isinstance(state, dict) else None
         if ema is not None and ema.shape != model.quantize.ema_vocab_hit_SV.shape:
             state = {**state, 'quantize.ema_vocab_hit_SV': model.quantize.ema_vocab_hit_SV}
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            msg = f'{path} does not fit VQVAE({asdict(model.config)}):\n{e}'
-            raise RuntimeError(msg) from None
-        return model
+        return checkpoint.fill(model, state, path, f'VQVAE({asdict(model.config)})')

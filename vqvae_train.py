@@ -166,6 +166,10 @@ def config_from_args(args):
         raise UserError(f'resolution {args.resolution} gives no standard latent size with '
                       f"ch_mult {cfg['ch_mult']}: pass --patch_nums ending at the latent side")
     cfg.setdefault('patch_nums', PATCH_NUMS.get(latent))
+    if cfg['patch_nums'][-1] != latent:
+        raise UserError(f"--patch_nums {','.join(map(str, cfg['patch_nums']))} must end at the "
+                        f'latent side {latent} (--resolution {args.resolution} / '
+                        f"{2 ** (len(cfg['ch_mult']) - 1)})")
     return cfg
 
 
