@@ -381,9 +381,14 @@ class Keeper:
                 self.diverged(f'the loss of the weights saved at step {self.step} is '
                               f'{value:.4g}, above {limit:.4g} (the recent saves\' losses)',
                               refuted=True)
-            self.pending = False
-            if self.run.rank == 0 and os.path.exists(self.prev):   # vouched for: one file
-                os.remove(self.prev)
+            self.vouched()
+
+    def vouched(self):
+        """The last save is trusted (its next step, or its finite held-out figures at the end
+        of the run): the one before it goes."""
+        self.pending = False
+        if self.run.rank == 0 and os.path.exists(self.prev):
+            os.remove(self.prev)
 
     def limit(self):
         """The loss above which a saved state is not trusted: m + 3 (|m| + 0.05)."""

@@ -30,7 +30,7 @@ def run(main):
     try:
         return main()
     except KeyboardInterrupt:
-        print('interrupted', file=sys.stderr)
+        print('\ninterrupted', file=sys.stderr)   # below a progress bar's line
         sys.exit(130)
     except OSError as e:
         sys.exit(os_error_line(e))

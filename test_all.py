@@ -2741,6 +2741,7 @@ def test_train_divergence_with_a_save_every_step_rolls_back_to_the_trusted_check
     final = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
     assert final['step'] == 10 and all(v.isfinite().all() for v in final['model'].values()
                                        if v.is_floating_point())
+    assert not (tmp_path / 'ckpt_prev.pt').exists()   # finite held-out figures vouch for it
 
 
 def test_keeper_a_save_whose_next_loss_explodes_gives_way_to_the_one_before(tmp_path):

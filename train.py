@@ -427,6 +427,7 @@ def fit(args, run):
     values = [x for v in held_out.values() for x in (v if isinstance(v, list) else [v])]
     if not all(math.isfinite(x) for x in values):   # a diverged run must not pass for done
         keeper.diverged(f'the held-out figures are not finite: {format_stats(held_out)}', True)
+    keeper.vouched()
     if master:
         report(task, held_out, fid_ref, args, state, ckpt_path, log_path)
     return raw_model
