@@ -3628,7 +3628,7 @@ BAD_COMMAND_LINES = [
     ('sample', ['--ckpt', '{var}', *SA, '--device', 'tpu'], '--device', 1),
     ('train', ['--patch_nums', '1,2,4', '--out_dir', '{tmp}/o'], '--patch_nums', 1),
     ('train', ['--model', 'ssl', '--patch_size', '5', '--out_dir', '{tmp}/o'], '--patch_size', 1),
-    ('train', ['--model', 'ssl', '--depth', '4000', '--out_dir', '{tmp}/o'], '--depth 4000', 1),
+    ('train', ['--model', 'ssl', '--depth', '400', '--out_dir', '{tmp}/o'], '--depth 400', 1),
     ('train', ['--train_images', '3', '--batch_size', '4', '--total_batch_size', '4',
                '--out_dir', '{tmp}/o'], '--batch_size 4', 1),
     ('train', ['--data', '{flat}', '--out_dir', '{flat}/run'], '--out_dir', 1),
