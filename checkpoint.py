@@ -367,7 +367,7 @@ class Keeper:
         self.history = list(ckpt.get('loss_history', []))   # mean loss between saves
         self.step, self.prev_step = ckpt.get('step'), ckpt.get('prev_step')
         self.pending = ckpt.get('step') is not None   # the last save is not yet vouched for
-        self.mine = False   # whether this run wrote the last save (a refuted one is undone)
+        self.mine = False   # whether this run wrote the last save (refuted, it is set aside)
         self.sum, self.n = 0.0, 0   # the finite steps' losses since the last save
 
     def after_step(self, loss):
@@ -420,12 +420,12 @@ class Keeper:
         return t.item()
 
     def diverged(self, why, refuted=False):
-        """Stop, naming the checkpoint to rerun from. This run's last save, not yet vouched
-        for, gives way to the one before it; refuted (its own weights' loss exploded or its
-        held-out figures are not finite) with none before it, it is set aside."""
+        """Stop, naming the checkpoint to rerun from. The last save, not yet vouched for,
+        gives way to the one before it; this run's, refuted (its own weights' loss exploded or
+        its held-out figures are not finite) with none before it, is set aside."""
         where = f'{self.path} holds step {self.step}' if self.step is not None else \
             'no checkpoint was written'
-        if self.pending and self.mine and os.path.exists(self.prev):
+        if self.pending and os.path.exists(self.prev):   # ckpt_prev.pt was vouched for
             where = f'{self.path} is back at step {self.prev_step}, the last trusted state'
             if self.run.rank == 0:
                 os.replace(self.prev, self.path)

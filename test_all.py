@@ -2765,8 +2765,9 @@ def test_keeper_a_save_whose_next_loss_explodes_gives_way_to_the_one_before(tmp_
     state['step'] = 4
     keeper.save(state, {}, args, (), [])
     assert torch.load(path[:-3] + '_prev.pt', weights_only=True)['step'] == 3
+    resumed = checkpoint.Keeper(path, torch.load(path, weights_only=True), run)   # killed here
     with pytest.raises(SystemExit, match='is back at step 3'):
-        keeper.after_step(torch.tensor(40.0))
+        resumed.after_step(torch.tensor(40.0))
     assert torch.load(path, weights_only=True)['step'] == 3
     fresh = checkpoint.Keeper(str(tmp_path / 'b.pt'), None, run)
     fresh.after_step(torch.tensor(1.0))
