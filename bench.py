@@ -7,6 +7,7 @@ Nothing here is a test: numbers depend on the machine.
     python bench.py --kmeans        # K-Means: our default vs scikit-learn's, then ours vs
                                     # faiss-cpu and scikit-learn from one init (if installed)
     python bench.py --fid           # FID Inception features/s (random weights: same speed)
+    python bench.py --cpu           # the quick starts' 5 training steps, each CPU lever
 
 VAR training: images/s of one optimizer step (teacher forcing, backward, AdamW) from the token
 cache of train.py vs the official trainer's way, which runs the frozen VQVAE on every batch.
@@ -19,27 +20,44 @@ memory; sampling at cfg 1.5, top-k 900, top-p 0.96 in fp32 and bf16. --official 
 extracted FoundationVision/VAR checkout, never committed) adds the official model, loaded with
 the same weights, in the same run: its trainer's step (eager, fused AdamW) and its sampler
 under bf16 and fp16 autocast (its demo's); ratios are then against it.
+--cpu: ms per training step of the quick starts' vqvae, var, ssl, gpt and stage2 (32 px, their
+default flags, random weights) in eager float32, under bf16 autocast (native or emulated, as the
+CPU's flags and ONEDNN_MAX_CPU_ISA say), in channels_last (the conv net), on one thread and
+compiled, each as a ratio to eager; and where the eager step's time goes (torch.profiler).
 FID features: images/s of fid.py's whole path (uint8 256 px -> ADM preprocessing -> pool and
 spatial features, fp32, TF32 off) vs the network alone on ready inputs; on a GPU also vs the
 same network with TF32 convolutions (what a default pytorch-fid run gets on Ampere and later).
 """
 import argparse
+import contextlib
 import importlib
+import io
 import os
+import shutil
 import sys
+import tempfile
 import time
 import types
 from contextlib import nullcontext
+from dataclasses import asdict
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
+import checkpoint
 import cli
+import data
+import dist
 import inception
 import kmeans
+import standin
+import tokenizer
+import train
 import var
 import vqvae
+import vqvae_train
 from cli import UserError
 
 PEAK_BF16 = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12}   # dense tensor-core FLOP/s
@@ -102,7 +120,7 @@ def bench_training(model, vae, batch, device, dtype, tokenize_every_step=False, 
 def generate_without_cache(model, labels, cfg):
     """Greedy next-scale sampling that re-runs the teacher-forced model over the whole prefix at
     every scale: the baseline of the kv cache (same tokens as sample_tokens with top_k=1)."""
-    vae, B, K = model.vae[0], len(labels), len(model.patch_nums)
+    vae, K = model.vae[0], len(model.patch_nums)
     null = torch.full_like(labels, model.num_classes)
     idx = []
     for k, (start, end) in enumerate(model.begin_ends):
@@ -403,7 +421,124 @@ def bench_fid(device, batch):
     print(line)
 
 
+# ----------------------------------------------------------------------------------------------
+# The CPU levers: the quick starts' training steps at 32 px
+
+QUICK_STARTS = {   # train.py flags of the quick starts' steps (frozen inputs: random weights)
+    'vqvae': [], 'var': ['--depth', '4', '--lr', '1e-3'], 'ssl': ['--depth', '4'],
+    'gpt': ['--depth', '4', '--lr', '1e-3'], 'stage2': ['--depth', '4', '--lr', '1e-3']}
+
+
+def quick_start_tasks(folder):
+    """{name: (task, args)}: train.py's training task of each quick-start step, on 64 built-in
+    images, its frozen inputs (VQVAEs, a DiGIT tokenizer) made with random weights in folder."""
+    save = lambda m, kind, path: checkpoint.save(dict(kind=kind, config=asdict(m.config),
+                                                      model=m.state_dict(), ema=None), path)
+    torch.manual_seed(0)
+    files = {k: os.path.join(folder, f'{k}.pt') for k in ('vae', 'vae1', 'tok')}
+    for key, scales in (('vae', None), ('vae1', (8,))):
+        cfg = vqvae_train.config_from_args(train.get_args(['--patch_nums', '8'] if scales else []))
+        save(vqvae.VQVAE(**cfg), 'vqvae', files[key])
+    vit = standin.ContrastiveViT(img_size=32, patch_size=4, embed_dim=128, depth=4, num_heads=2)
+    tokenizer.Tokenizer(vit.vit, 1, 32, torch.randn(512, 128)).save(files['tok'])
+    run = dist.Run('cpu', 0, 1, nullcontext())
+    tasks = {}
+    for name, flags in QUICK_STARTS.items():
+        vae = files['vae1'] if name == 'stage2' else files['vae']
+        args = train.get_args(['--model', name, *flags, '--vae', vae, '--tokenizer', files['tok'],
+                               '--out_dir', os.path.join(folder, name), '--eval_images', '8',
+                               '--fid_images', '0', '--device', 'cpu', '--num_workers', '0'])
+        sets = [data.build_dataset('builtin', 32, split, seed=0, size=64) for split in (1, 0)]
+        with contextlib.redirect_stderr(io.StringIO()):   # the token caches' progress bars
+            tasks[name] = train.MODELS[name](args, *sets, run), args
+    return tasks
+
+
+def step_fn(task, args, model, autocast=nullcontext(), channels_last=False):
+    """One training step of `model` on a fixed batch: forward, backward, AdamW."""
+    opt = train.make_optimizer(model, args, task.no_decay)
+    batch = next(iter(torch.utils.data.DataLoader(task.train_set, args.batch_size)))
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+        batch = [b.contiguous(memory_format=torch.channels_last) if b.ndim == 4 else b
+                 for b in batch]
+
+    def step():
+        with autocast:
+            loss, _ = task.loss(model, batch, 10)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def profile_line(step):
+    """Where a step's time goes: GEMMs and convolutions, the other ops, and the host (Python and
+    launch overhead: wall time outside any op), over 3 steps."""
+    stderr, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)   # its C++ side prints a start and a stop line there
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t = time.perf_counter()
+            for _ in range(3):
+                step()
+            wall = (time.perf_counter() - t) * 1e6   # us, as the profiler counts
+    finally:
+        os.dup2(stderr, 2)
+        os.close(stderr)
+        os.close(devnull)
+    ops = [e for e in prof.key_averages() if e.key.startswith('aten::')]
+    heavy = sum(e.self_cpu_time_total for e in ops
+                if any(k in e.key for k in ('mm', 'conv', 'linear', 'scaled_dot_product')))
+    other = sum(e.self_cpu_time_total for e in ops) - heavy
+    return (f'GEMM/conv {heavy / wall:.0%}, other ops {other / wall:.0%}, '
+            f'host {max(0.0, 1 - (heavy + other) / wall):.0%}')
+
+
+def bench_cpu(repeat):
+    """Each quick-start step with each CPU lever, as ms/step and the ratio to eager float32."""
+    flags = open('/proc/cpuinfo').read() if os.path.exists('/proc/cpuinfo') else ''
+    have = [f for f in ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16') if f' {f}' in flags]
+    isa = os.environ.get('ONEDNN_MAX_CPU_ISA', 'ALL').upper()   # a cap emulates an older CPU
+    native = dist.cpu_has_native_bf16() and (isa == 'ALL' or 'BF16' in isa or 'AMX' in isa)
+    print(f"CPU flags: {' '.join(have) or 'unknown'}; ONEDNN_MAX_CPU_ISA {isa}; "
+          f'{torch.get_num_threads()} threads; C++ compiler: '
+          f"{shutil.which('c++') or shutil.which('g++') or 'none'}; torch {torch.__version__}")
+    with tempfile.TemporaryDirectory() as folder:
+        for name, (task, args) in quick_start_tasks(folder).items():
+            torch.manual_seed(0)
+            fresh = lambda: task.build().train()
+            model = fresh()
+            base = timeit(step_fn(task, args, model), warmup=2, repeat=repeat)
+            n = sum(p.numel() for p in model.parameters()) / 1e6
+            cells = [f'eager fp32 {base * 1e3:.0f} ms']
+            bf16 = torch.autocast('cpu', torch.bfloat16)
+            levers = [('bf16 ' + ('native' if native else 'emulated'), dict(autocast=bf16))]
+            if name in ('vqvae',):   # the conv net
+                levers.append(('channels_last', dict(channels_last=True)))
+            for label, kw in levers:
+                t = timeit(step_fn(task, args, fresh(), **kw), warmup=2, repeat=repeat)
+                cells.append(f'{label} {t * 1e3:.0f} ms ({base / t:.2f}x)')
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            t = timeit(step_fn(task, args, fresh()), warmup=1, repeat=repeat)
+            torch.set_num_threads(threads)
+            cells.append(f'1 thread {t * 1e3:.0f} ms ({base / t:.2f}x)')
+            start = time.perf_counter()
+            step = step_fn(task, args, torch.compile(fresh()))
+            step()
+            warm = time.perf_counter() - start
+            t = timeit(step, warmup=1, repeat=repeat)
+            cells.append(f'compiled {t * 1e3:.0f} ms ({base / t:.2f}x; compile {warm:.0f} s, '
+                         f'{warm / max(base - t, 1e-9):.0f} steps to pay)' if t < base else
+                         f'compiled {t * 1e3:.0f} ms ({base / t:.2f}x; compile {warm:.0f} s)')
+            print(f'{name} ({n:.2f}M): ' + ' | '.join(cells))
+            print(f'  profile of the eager step: {profile_line(step_fn(task, args, model))}')
+
+
 def main(args):
+    if args.cpu:
+        return bench_cpu(args.repeat)
     if args.gpu:
         return bench_gpu(args)
     if args.fid:
@@ -445,6 +580,9 @@ def build_parser():
                    'checkout, run beside ours')
     p.add_argument('--kmeans', action='store_true', help='the K-Means benchmark instead of VAR')
     p.add_argument('--fid', action='store_true', help='the FID Inception benchmark instead')
+    p.add_argument('--cpu', action='store_true', help="the quick starts' five training steps at "
+                   '32 px, each CPU lever on and off (compile, bf16, channels_last, threads)')
+    p.add_argument('--repeat', type=int, default=5, help='--cpu: timed steps (best of)')
     p.add_argument('--kmeans_n', type=int, default=200_000, help='K-Means points')
     p.add_argument('--kmeans_d', type=int, default=384, help='K-Means feature dimension')
     p.add_argument('--kmeans_k', type=int, default=1024, help='K-Means centroids')
