@@ -9,9 +9,12 @@ Files a run cannot afford to lose or to misread: checkpoints, token caches, toke
                            empty, truncated or foreign file is one line naming it, never a
                            torch traceback. foreign=True also reads DiGIT's released fairseq
                            files: the few classes their pickles name become inert stand-ins
+    check_run, fill        a train.py checkpoint of the expected kind, and weights that fit a
+                           model, or one line saying what the file holds and what does not fit
     append_log(line, path) a line of the run's log.txt, printed too
     OutDirLock(out_dir)    one trainer per output folder: a lock file holding the owner's pid
                            and host; a lock whose process has died is taken over
+    Keeper                 train.py's saves, only from states the run can trust (divergence)
 
 Errors a user can fix are raised as cli.UserError(message): the command prints the message
 and exits with status 1, without a traceback.

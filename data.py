@@ -392,7 +392,7 @@ def tokenize(encode, key, dataset, path, args, device, limit=None, crops=1):
     if os.path.exists(path):   # reused only if made by the same tokenizer from the same data
         try:
             cache = checkpoint.load(path, 'token cache')
-        except SystemExit as e:   # unreadable: made again
+        except UserError as e:   # unreadable: made again
             warnings.warn(f'{e}; tokenizing again')
             cache = {}
         if cache.get('key') == key:

@@ -55,7 +55,7 @@ DAMAGED = (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error)  # a b
 
 def npz_images(path):
     """(file handle, N, H, W) of the uint8 (N, H, W, 3) array `arr_0` in an .npz, read lazily
-    (ADM's 50k samples at 256 px are 10 GB); SystemExit naming the file if it has none."""
+    (ADM's 50k samples at 256 px are 10 GB); a UserError naming the file if it has none."""
     try:
         z = zipfile.ZipFile(path)
         if 'arr_0.npy' not in z.namelist():
@@ -75,7 +75,7 @@ def npz_images(path):
 
 def npz_batches(path, start, stop, batch_size):
     """uint8 (b, H, W, 3) numpy batches of rows start..stop of arr_0, streamed from the zip;
-    SystemExit naming the file if it is truncated or corrupt."""
+    a UserError naming the file if it is truncated or corrupt."""
     f, n, h, w = npz_images(path)
     row = h * w * 3
     try:
@@ -250,8 +250,8 @@ STATS = {'mu': (2048,), 'sigma': (2048, 2048), 'mu_s': (2023,), 'sigma_s': (2023
 
 def read_npz(path, mode):
     """The keys of the .npz `path` and its statistics (mu, sigma[, mu_s, sigma_s], n, mode):
-    SystemExit with one line naming the file if it is not an .npz, or its statistics are
-    incomplete, of other shapes, not finite or of another preprocessing mode than `mode`."""
+    a UserError naming the file if it is not an .npz, or its statistics are incomplete, of
+    other shapes, not finite or of another preprocessing mode than `mode`."""
     if not os.path.isfile(path):
         raise UserError(f'fid: not found: {path}')
     with open(path, 'rb') as f:
@@ -280,7 +280,7 @@ def read_npz(path, mode):
 
 
 def checked(out, path, model):
-    """extract()'s result for the input `path`, or SystemExit: no image of it could be read, or
+    """extract()'s result for the input `path`, or a UserError: no image of it could be read, or
     the network gave NaN or inf (broken weights), which would print 'IS nan'."""
     if out['n'] == 0:
         raise UserError(f'fid: no image of {path} could be read ({out["n_bad"]} unreadable)')
@@ -372,7 +372,7 @@ class HeldOut:
         """A HeldOut, or None (n = 0; no weights found: one line says so)."""
         try:
             path = find_weights() if n else None
-        except SystemExit:
+        except UserError:
             master_print('FID off: no Inception weights ($FID_INCEPTION_WEIGHTS or the torch '
                          'hub cache, as fid.py finds them); --fid_images 0 silences this line')
             return None

@@ -411,7 +411,7 @@ def read_weights(path):
 def load_inception(path=None, device='cpu', download=False):
     """FIDInception with pytorch-fid's weights (or NVIDIA's, converted), every float tensor
     checked (shape, finite) and used (its num_batches_tracked, if any, is ignored); eval mode,
-    no gradients. A file that does not fit is SystemExit naming it. `.weights` holds
+    no gradients. A file that does not fit is a UserError naming it. `.weights` holds
     weights_name(path); .fc is None for weights without the 1008-class layer (no IS)."""
     path = find_weights(path, download)
     state = read_weights(path)

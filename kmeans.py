@@ -282,7 +282,7 @@ class KMeans:
 
 
 def read_npy(path, what, mmap_mode=None):
-    """A finite (unless memory-mapped) 2-d float .npy (N, D), or SystemExit naming the file."""
+    """A finite (unless memory-mapped) 2-d float .npy (N, D), or a UserError naming the file."""
     try:
         a = np.load(path, mmap_mode=mmap_mode)
     except (OSError, ValueError, EOFError) as e:   # missing, not an .npy, truncated

@@ -194,7 +194,7 @@ def load_digit(args, ckpt, device):
 
 def load_image(path, resolution, mode='RGB'):
     """Center crop to a square, resize to resolution: (3 or 1, H, W) in [0, 1]. A file that
-    does not decode is SystemExit naming it."""
+    does not decode is a UserError naming it."""
     try:
         img = data.load_rgb(path).convert(mode)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:   # PIL's

@@ -136,7 +136,7 @@ class Tokenizer(nn.Module):
 
     @classmethod
     def load(cls, path):
-        """A tokenizer saved by save(); any other file is SystemExit naming it."""
+        """A tokenizer saved by save(); any other file is a UserError naming it."""
         state = checkpoint.load(path, 'tokenizer')
         if not isinstance(state, dict) or state.get('kind') != 'tokenizer':
             raise UserError(f'{path} is not a tokenizer saved by tokenizer.py (a DINOv2 .pth '
@@ -156,7 +156,7 @@ def load_encoder(path):
     .pth (DiGIT's recipe: block depth-3, 224 px, K 8192, the pos_embed resized with offset 0.1
     and no antialias as DiGIT's copy of DINOv2 does, also for `_reg4`), or from a `train.py
     --model ssl` checkpoint (the offline stand-in: its EMA weights if any, block depth-3, its
-    training resolution, K 512). Any other file is SystemExit naming it."""
+    training resolution, K 512). Any other file is a UserError naming it."""
     state = checkpoint.load(path, 'encoder')
     if isinstance(state, dict) and state.get('kind') == 'ssl':
         model = checkpoint.fill(standin.ContrastiveViT(**state['config']),
