@@ -144,7 +144,7 @@ def load_official(path, vae, model, device):
     build_vae_var switches nn init off for the whole process."""
     if not os.path.isfile(os.path.join(path, 'models', 'var.py')):
         raise UserError(f'--official {path}: not a FoundationVision/VAR checkout '
-                      '(no models/var.py)')
+                        '(no models/var.py)')
     theirs = ('dist', 'models', 'huggingface_hub')   # top-level names it brings or shadows
     saved = {n: m for n, m in sys.modules.items() if n.split('.')[0] in theirs}
     for name in saved:

@@ -129,12 +129,12 @@ def load(path, what='checkpoint', foreign=False):
         found = [ln.strip() for ln in str(e).splitlines() if 'GLOBAL' in ln]
         if found:   # a class or function outside weights_only's allow-list: never run
             raise UserError(f'{what} {path} holds objects other than tensors and plain '
-                             f'containers, refused for safety ({found[0][:150]})') from None
+                            f'containers, refused for safety ({found[0][:150]})') from None
         raise UserError(f'{what} {path} is not a torch file (not a zip archive nor a '
-                         'pickle of tensors)') from None
+                        'pickle of tensors)') from None
     except Exception as e:  # weights_only runs no code: any other failure is a corrupt file
         raise UserError(f'{what} {path} is not a readable torch file (truncated or corrupt?): '
-                         f'{_first_line(e)}') from None
+                        f'{_first_line(e)}') from None
     if foreign and is_fairseq(obj):
         obj.update({k: plain(obj[k]) for k in ('cfg', 'args') if k in obj})
     return obj

@@ -62,7 +62,7 @@ def add_args(parser):
 def load_tokenizer(path, device):
     if not os.path.exists(path):
         raise UserError(f'--tokenizer {path} not found: make one first (python '
-                      'train.py --model ssl; python tokenizer.py fit)')
+                        'train.py --model ssl; python tokenizer.py fit)')
     return tokenizer.Tokenizer.load(path).to(device)
 
 
@@ -189,8 +189,8 @@ class Stage2Training:
         self.vae = vae = vqvae.VQVAE.frozen(args.vae, args.resolution, run.device)
         if len(vae.config.patch_nums) != 1:
             raise UserError(f'--vae {args.vae} has {len(vae.config.patch_nums)} scales; '
-                          'stage 2 needs one: python train.py --model vqvae --patch_nums '
-                          '8 --out_dir out/vqvae_1scale')
+                            'stage 2 needs one: python train.py --model vqvae --patch_nums '
+                            '8 --out_dir out/vqvae_1scale')
         key = dict(token_key(tok), vae=data.tokenizer_key(asdict(vae.config), vae.parameters()))
         encode = lambda img: torch.cat((tok.encode(img), vae.img_to_idx(img)[0]), 1)  # (B, S+L)
         cache_tokens(self, encode, key, args, run)
@@ -265,7 +265,7 @@ class ProbeTraining:
         self.train_set, self.val_set = train_set, val_set
         if not os.path.exists(args.gpt):
             raise UserError(f'--gpt {args.gpt} not found: train one (python train.py '
-                          '--model gpt)')
+                            '--model gpt)')
         state = checkpoint.load(args.gpt, '--gpt', foreign=True)
         self.released = checkpoint.is_fairseq(state)   # DiGIT's stage 1: its own protocol
         if self.released:
@@ -279,8 +279,8 @@ class ProbeTraining:
         tok = load_tokenizer(args.tokenizer, run.device)
         if (tok.vocab_size, tok.grid ** 2) != (c['vocab_size'], c['block_size']):
             raise UserError(f'--tokenizer {args.tokenizer} makes {tok.grid ** 2} tokens of '
-                          f'{tok.vocab_size}, --gpt {args.gpt} reads {c["block_size"]} of '
-                          f'{c["vocab_size"]}')
+                            f'{tok.vocab_size}, --gpt {args.gpt} reads {c["block_size"]} of '
+                            f'{c["vocab_size"]}')
         cache_tokens(self, tok.encode, token_key(tok), args, run)
         depth = c['depth']
         self.config = dict(gpt=c, num_classes=train_set.num_classes,

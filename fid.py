@@ -69,7 +69,7 @@ def npz_images(path):
         raise UserError(f'fid: {path}: arr_0 does not read ({type(e).__name__}: {e})') from None
     if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or fortran:
         raise UserError(f'fid: {path} arr_0 is {dtype} {shape}; expected uint8 (N, H, W, 3) '
-                      f'images as sample.py and the ADM evaluator write')
+                        f'images as sample.py and the ADM evaluator write')
     return f, shape[0], shape[1], shape[2]
 
 
@@ -267,7 +267,7 @@ def read_npz(path, mode):
         raise UserError(f'fid: {path} holds statistics of mode {stats["mode"]}, not {mode}')
     if 'arr_0' not in keys and 'mu' not in keys:
         raise UserError(f'fid: {path} holds neither images (arr_0) nor statistics (mu, sigma); '
-                      f'keys: {sorted(keys)}')
+                        f'keys: {sorted(keys)}')
     for pair in (('mu', 'sigma'), ('mu_s', 'sigma_s')):
         for k in pair if any(k in stats for k in pair) else ():
             a = stats.get(k)
@@ -275,7 +275,7 @@ def read_npz(path, mode):
                     not np.isfinite(a).all():
                 got = 'missing' if a is None else f'{a.dtype} {a.shape}'
                 raise UserError(f'fid: {path}: statistics {k} is {got}, expected finite '
-                              f'{STATS[k]}')
+                                f'{STATS[k]}')
     return keys, stats
 
 
@@ -288,7 +288,7 @@ def checked(out, path, model):
            if not np.isfinite(out[k]).all()]
     if bad:
         raise UserError(f'fid: the Inception network gave NaN or inf {bad[0]} on {path}; '
-                      f'its weights: {getattr(model, "weights", "given")}')
+                        f'its weights: {getattr(model, "weights", "given")}')
     return out
 
 
@@ -443,7 +443,7 @@ def main(argv=None):
         if want_images and 'pool' in ref:
             if min(len(ref['pool']), len(samples['pool'])) <= 3:   # k = 3 nearest neighbours
                 raise UserError('fid: precision/recall needs more than 3 images in each input; '
-                              'pass --no_pr')
+                                'pass --no_pr')
             results['precision'], results['recall'] = precision_recall(
                 ref['pool'], samples['pool'], device=args.device)
     if main_rank:

@@ -18,7 +18,6 @@ archive by an allow-list unpickler (no TorchScript runs) and renamed (from_nvidi
     python -m pytest test_all.py -k fid     # keys, pooling quirks, loading errors
 """
 import collections
-import hashlib
 import io
 import os
 import pickle
@@ -369,8 +368,8 @@ def find_weights(path=None, download=False):
             return os.path.join(cache, name)
     if not download:
         raise UserError(f'no FID Inception weights: pass --weights PATH, set '
-                      f'$FID_INCEPTION_WEIGHTS, put {WEIGHTS_NAME} in {cache}, or use '
-                      f'--download ({WEIGHTS_URL})')
+                        f'$FID_INCEPTION_WEIGHTS, put {WEIGHTS_NAME} in {cache}, or use '
+                        f'--download ({WEIGHTS_URL})')
     os.makedirs(cache, exist_ok=True)
     torch.hub.download_url_to_file(WEIGHTS_URL, os.path.join(cache, WEIGHTS_NAME))
     return os.path.join(cache, WEIGHTS_NAME)
@@ -380,11 +379,7 @@ def weights_name(path):
     """WEIGHTS_NAME if the file's sha256 starts with WEIGHTS_SHA256 (the official file, under any
     name), NVIDIA_NAME for NVIDIA's port, else the kind, the path and the sha256: what fid.py
     reports it used."""
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            digest.update(block)
-    sha = digest.hexdigest()
+    sha = checkpoint.sha256(path)
     if sha.startswith(WEIGHTS_SHA256):
         return WEIGHTS_NAME
     if sha.startswith(NVIDIA_SHA256):
@@ -404,7 +399,7 @@ def read_weights(path):
     state = checkpoint.load(path, 'FID Inception weights')
     if not isinstance(state, dict):
         raise UserError(f'{path} is not the FID Inception ({WEIGHTS_NAME}): it holds a '
-                      f'{type(state).__name__}, not a state dict')
+                        f'{type(state).__name__}, not a state dict')
     return {k: v for k, v in state.items() if not k.endswith('num_batches_tracked')}
 
 
@@ -425,13 +420,13 @@ def load_inception(path=None, device='cpu', download=False):
              for k, s in want.items() if k in state and getattr(state[k], 'shape', ()) != s]
     if missing or extra or wrong:
         raise UserError(f'{path} is not the FID Inception ({WEIGHTS_NAME}): '
-                      f'{len(missing)} missing keys {missing[:3]}, {len(extra)} unexpected '
-                      f'{extra[:3]}, {len(wrong)} wrong shapes {wrong[:3]}')
+                        f'{len(missing)} missing keys {missing[:3]}, {len(extra)} unexpected '
+                        f'{extra[:3]}, {len(wrong)} wrong shapes {wrong[:3]}')
     broken = [k for k in want   # min and max hold NaN or inf if any entry does: fast
               if not torch.isfinite(torch.stack(torch.aminmax(state[k].float()))).all()]
     if broken:
         raise UserError(f'FID Inception weights {path}: {len(broken)} tensors hold NaN or inf, '
-                      f'e.g. {broken[0]}')
+                        f'e.g. {broken[0]}')
     model.load_state_dict(state, strict=False)  # only num_batches_tracked stays unset
     model.weights = weights_name(path)
     return model.to(device).eval().requires_grad_(False)

@@ -149,7 +149,7 @@ def load_digit(args, ckpt, device):
     VQVAE (ours) or MAGE's VQGAN (DiGIT's released stage 2: --vqgan, or the copy inside it)."""
     if not os.path.exists(args.stage2):
         raise UserError(f'--stage2 {args.stage2} not found: train it (python train.py --model '
-                      'stage2) to turn DiGIT tokens into pixels')
+                        'stage2) to turn DiGIT tokens into pixels')
     s2_ckpt = checkpoint.load(args.stage2, '--stage2', foreign=True)
     stage2 = gpt.GPT.from_checkpoint(s2_ckpt, ['stage2'], not args.no_ema,
                                      f'--stage2 {args.stage2}').to(device)
@@ -162,7 +162,7 @@ def load_digit(args, ckpt, device):
         defaults(args, cfg=0.0, top_k=300 if stage1.num_classes else 200, top_p=0.0)
         if args.cfg:
             raise UserError(f"--cfg {args.cfg}: DiGIT's released stage 1 learnt no null class, "
-                          'so it has no guidance; use --cfg 0')
+                            'so it has no guidance; use --cfg 0')
     defaults(args, cfg=2.0, top_k=digit_top_k(stage1.config.vocab_size), top_p=0.0)
     if checkpoint.is_fairseq(s2_ckpt) and args.vae:
         raise UserError(f'--vae {args.vae}: DiGIT\'s released stage 2 decodes with MAGE\'s '

@@ -140,15 +140,15 @@ class Tokenizer(nn.Module):
         state = checkpoint.load(path, 'tokenizer')
         if not isinstance(state, dict) or state.get('kind') != 'tokenizer':
             raise UserError(f'{path} is not a tokenizer saved by tokenizer.py (a DINOv2 .pth '
-                          'or a train.py --model ssl checkpoint goes to `tokenizer.py fit '
-                          '--encoder`)')
+                            'or a train.py --model ssl checkpoint goes to `tokenizer.py fit '
+                            '--encoder`)')
         try:
             encoder = checkpoint.fill(DINOv2(**state['encoder_config']), state['encoder'], path,
                                       'its DINOv2 encoder')
             return cls(encoder, state['layer'], state['resolution'], state['centroids'])
         except (KeyError, TypeError, ValueError, RuntimeError) as e:   # edited or damaged
             raise UserError(f'tokenizer {path} does not load: {type(e).__name__}: '
-                          f'{" ".join(str(e).split())[:200]}') from None
+                            f'{" ".join(str(e).split())[:200]}') from None
 
 
 def load_encoder(path):
@@ -167,7 +167,7 @@ def load_encoder(path):
         held = f"a train.py {state['kind']} run" if isinstance(state, dict) and 'kind' in state \
             else 'no DINOv2 weights (no cls_token)'
         raise UserError(f'encoder {path} holds {held}: pass a DINOv2 .pth or a train.py '
-                      '--model ssl checkpoint')
+                        '--model ssl checkpoint')
     vit = DINOv2.from_checkpoint(path, interpolate_offset=0.1, interpolate_antialias=False)
     return vit, dict(layer=vit.config.depth - 3, resolution=224, k=8192)
 
@@ -308,8 +308,8 @@ def fit_command(args, device, rank, world, error):
         centroids = kmeans.KMeans.load(args.centroids).centroids
         if centroids.shape[1] != cfg.embed_dim:
             raise UserError(f'--centroids {args.centroids}: centroids of shape '
-                          f'{tuple(centroids.shape)} do not fit this encoder: expected '
-                          f'[K, {cfg.embed_dim}]')
+                            f'{tuple(centroids.shape)} do not fit this encoder: expected '
+                            f'[K, {cfg.embed_dim}]')
         tok.set_centroids(centroids)
     else:
         k = args.k or default['k']

@@ -419,11 +419,11 @@ class VQVAE(nn.Module):
         """The frozen tokenizer of VAR or DiGIT's stage 2, checked against the image size."""
         if not os.path.exists(path):
             raise UserError(f'--vae {path} not found: train a tokenizer first (python train.py '
-                          '--model vqvae ...) or pass the released vae_ch160v4096z32.pth')
+                            '--model vqvae ...) or pass the released vae_ch160v4096z32.pth')
         vae = cls.from_checkpoint(path).to(device).eval().requires_grad_(False)
         if resolution != vae.config.patch_nums[-1] * vae.downsample:
             raise UserError(f'--resolution {resolution} does not fit the tokenizer, '
-                          f'made for {vae.config.patch_nums[-1] * vae.downsample} px images')
+                            f'made for {vae.config.patch_nums[-1] * vae.downsample} px images')
         return vae
 
     @classmethod

@@ -164,7 +164,7 @@ def config_from_args(args):
     latent, rem = divmod(args.resolution, 2 ** (len(cfg['ch_mult']) - 1))
     if rem or ('patch_nums' not in cfg and latent not in PATCH_NUMS):
         raise UserError(f'resolution {args.resolution} gives no standard latent size with '
-                      f"ch_mult {cfg['ch_mult']}: pass --patch_nums ending at the latent side")
+                        f"ch_mult {cfg['ch_mult']}: pass --patch_nums ending at the latent side")
     cfg.setdefault('patch_nums', PATCH_NUMS.get(latent))
     if cfg['patch_nums'][-1] != latent:
         raise UserError(f"--patch_nums {','.join(map(str, cfg['patch_nums']))} must end at the "
