@@ -85,24 +85,49 @@ Run = namedtuple('Run', 'device rank world autocast')   # what a training task k
 
 def training_run(args):
     """train.py's setup(): the device and process group, TF32 on, then the defaults that depend
-    on the device: --dtype (bfloat16 autocast on CUDA, float32 elsewhere), --compile (on
-    with CUDA when Triton is installed, which GPU kernels need; absent on Windows) and
-    --fused_adamw (on with CUDA)."""
+    on the device: --dtype (default_dtype), --compile (on with CUDA when Triton is installed,
+    which GPU kernels need; off on CPU, where it rarely pays: RESULTS.md) and --fused_adamw (on
+    with CUDA). --compile on a CPU without a working C++ compiler trains eagerly and says so."""
     device, rank, world = setup(args.device, tf32=True)
     device_type = torch.device(device).type
-    if args.dtype is None:
-        args.dtype = 'bfloat16' if device_type == 'cuda' else 'float32'
+    say = print if rank == 0 else (lambda *a: None)
+    args.dtype = args.dtype or default_dtype(device_type)
     if args.compile is None:
         args.compile = device_type == 'cuda' and importlib.util.find_spec('triton') is not None
+    elif args.compile and device_type == 'cpu':
+        failure = cpu_compile_failure()
+        if failure:
+            say(f'note: --compile needs a C++ compiler on CPU (g++, clang++ or $CXX) and '
+                f'torch.compile failed ({failure}); training eagerly')
+            args.compile = False
     if args.fused_adamw is None:
         args.fused_adamw = device_type == 'cuda'
-    if rank == 0 and device_type == 'cpu' and args.dtype == 'bfloat16' and \
-            cpu_has_native_bf16() is False:
-        print('note: --dtype bfloat16 on a CPU without native bf16 (no avx512_bf16 or amx_bf16 '
-              'in /proc/cpuinfo) is slower than float32, not faster')
+    if device_type == 'cpu' and args.dtype == 'bfloat16' and cpu_has_native_bf16() is False:
+        say('note: --dtype bfloat16 on a CPU without native bf16 (no avx512_bf16 or amx_bf16 in '
+            '/proc/cpuinfo) is slower than float32, not faster')
     dtype = getattr(torch, args.dtype)
     ctx = torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     return Run(device, rank, world, ctx)
+
+
+def default_dtype(device_type):
+    """The autocast dtype where --dtype is not given: bfloat16 on CUDA and on a CPU that
+    multiplies it natively (1.1-1.7x faster per step there, 11-33x slower where oneDNN emulates
+    it: RESULTS.md), float32 elsewhere (Apple MPS included)."""
+    native = device_type == 'cuda' or (device_type == 'cpu' and cpu_has_native_bf16() is True)
+    return 'bfloat16' if native else 'float32'
+
+
+def cpu_compile_failure():
+    """None if torch.compile works on this CPU, else why not in one line. Inductor turns each
+    graph into C++ that a compiler builds (g++ or clang++, or $CXX), so a tiny function is
+    compiled and run once (2-5 s; torch caches the result on disk)."""
+    try:
+        torch.compile(lambda x: x * 2 + 1, dynamic=False)(torch.arange(4.0))
+        return None
+    except Exception as e:   # no compiler, no headers, a broken toolchain: all mean eager
+        lines = [ln for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+        return lines[0][:200]
 
 
 def cpu_has_native_bf16(cpuinfo='/proc/cpuinfo'):

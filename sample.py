@@ -89,7 +89,7 @@ def build_parser():
     p.add_argument('--out', default='', help='PNG to write (default: next to the checkpoint)')
     p.add_argument('--device', default='', help='cuda, mps or cpu (default: best available)')
     p.add_argument('--dtype', choices=['float32', 'bfloat16', 'float16'], help='autocast dtype '
-                   "(default: bfloat16 on CUDA, as VAR's demo runs under fp16; else float32)")
+                   '(default: bfloat16 on CUDA and on bf16-native CPUs, else float32)')
     p.add_argument('--no_ema', action='store_true', help='use the raw weights, not the EMA')
     return p
 
@@ -211,7 +211,7 @@ def main(args):
     device, rank, world = dist.setup(args.device, tf32=True)   # TF32: as VAR's demo
     draw, vae, K, class_names = load(args, device)
     kind = torch.device(device).type
-    dtype = getattr(torch, args.dtype or ('bfloat16' if kind == 'cuda' else 'float32'))
+    dtype = getattr(torch, args.dtype or dist.default_dtype(kind))
 
     def gen(labels, seed, **edit):   # images in [0, 1], float32
         with torch.autocast(kind, dtype, enabled=dtype != torch.float32):

@@ -57,6 +57,15 @@ REFERENCE = os.path.join(REPO, '..', 'shared', 'reference')
 
 # --- data.py ---------------------------------------------------------------------------------
 
+@pytest.fixture(autouse=True)
+def float32_on_cpu(monkeypatch):
+    """The suite's figures are float32 on every CPU: where the CPU multiplies bf16 natively,
+    train.py and sample.py default to bf16 (dist.default_dtype, tested on its own)."""
+    real = dist.default_dtype
+    monkeypatch.setattr(dist, 'default_dtype', lambda kind: 'float32' if kind == 'cpu' else
+                        real(kind))
+
+
 def solid(color, size=(8, 8), mode='RGB'):
     return Image.new(mode, size, color)
 
@@ -1452,6 +1461,50 @@ def test_bf16_on_a_cpu_without_native_bf16_gets_a_note(tmp_path, monkeypatch, ca
         assert (capsys.readouterr().out.count('slower than float32') == 1) is noted
         with run.autocast:
             assert torch.get_autocast_dtype('cpu') is torch.bfloat16
+
+
+def test_default_dtype_is_bf16_only_where_it_is_native(monkeypatch):
+    """Without --dtype: bfloat16 on CUDA and on a CPU with avx512_bf16 or amx_bf16, float32 on a
+    CPU without them, on one whose flags are unknown, and on Apple MPS."""
+    monkeypatch.undo()   # the real default, not the suite's float32
+    for native, dtype in ((True, 'bfloat16'), (False, 'float32'), (None, 'float32')):
+        monkeypatch.setattr(dist, 'cpu_has_native_bf16', lambda native=native: native)
+        assert dist.default_dtype('cpu') == dtype
+        assert dist.default_dtype('cuda') == 'bfloat16' and dist.default_dtype('mps') == 'float32'
+        args = train.get_args(['--device', 'cpu'])
+        with dist.training_run(args).autocast:
+            assert args.dtype == dtype and torch.is_autocast_enabled('cpu') is (native is True)
+
+
+def test_compile_on_cpu_steps_as_eager_and_without_a_compiler_trains_eagerly(monkeypatch,
+                                                                             capsys):
+    """--compile on CPU: inductor's C++ gives a tiny GPT's training loss and gradients to
+    float32 rounding (its random class dropout drawn as eager draws it); with no C++ compiler
+    (hidden from torch's search), train.py says so in one line and trains eagerly."""
+    monkeypatch.setattr(torch._inductor.config, 'fallback_random', True)
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = gpt.GPT(vocab_size=16, block_size=4, depth=1, num_classes=2,
+                        cond_drop_rate=0.5)
+        step = torch.compile(model) if compiled else model
+        idx, labels = torch.randint(0, 16, (4, 4)), torch.tensor([0, 1, 0, 1])
+        loss = F.cross_entropy(step(idx, labels).flatten(0, 1), idx.flatten())
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in model.parameters()]))
+    (loss_e, grads_e), (loss_c, grads_c) = results
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
+    for g_c, g_e in zip(grads_c, grads_e):
+        torch.testing.assert_close(g_c, g_e, rtol=1e-4, atol=1e-6)
+    args = train.get_args(['--device', 'cpu', '--compile'])
+    dist.training_run(args)
+    assert args.compile is True and 'note' not in capsys.readouterr().out
+    monkeypatch.setattr(torch._inductor.config.cpp, 'cxx', ('no-such-compiler++',))
+    torch._dynamo.reset()   # forget the probe compiled above
+    dist.training_run(args)
+    out = capsys.readouterr().out
+    assert args.compile is False and out.count('\n') == 1
+    assert out.startswith('note: --compile needs a C++ compiler') and 'no-such-compiler' in out
 
 
 def test_fused_adamw_flag_steps_as_the_default_adamw():
@@ -2953,9 +3006,10 @@ torch.save(model.state_dict(), os.path.join({out!r}, 'rank%s.pt' % os.environ['R
 
 
 def torchrun_two_ranks(tmp_path, argv):
-    """`torchrun --nproc_per_node 2` of train.main(argv) on CPU (gloo); the final weights of
-    both ranks."""
+    """`torchrun --nproc_per_node 2` of train.main(argv) on CPU (gloo), in float32 as the
+    in-process runs it is compared with; the final weights of both ranks."""
     script = tmp_path / 'worker.py'
+    argv = [*argv, '--dtype', 'float32']
     script.write_text(DDP_WORKER.format(repo=REPO, argv=argv, out=str(tmp_path)))
     env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')}
     subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone',

@@ -136,7 +136,7 @@ def add_shared_args(p):
     g = p.add_argument_group('system')
     g.add_argument('--device', default='', help='cuda, mps or cpu (default: best available)')
     g.add_argument('--dtype', choices=['float32', 'bfloat16', 'float16'], default=None,
-                   help='autocast dtype (default: bfloat16 on CUDA, float32 elsewhere)')
+                   help='autocast (default: bfloat16 on CUDA and bf16-native CPUs, else float32)')
     g.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None,
                    help='torch.compile the model (default: on with CUDA when Triton is installed)')
     g.add_argument('--fused_adamw', action=argparse.BooleanOptionalAction,
