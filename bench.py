@@ -4,10 +4,9 @@ Nothing here is a test: numbers depend on the machine.
 
     python bench.py                 # tiny VAR (32 px) on this machine's CPU or GPU
     python bench.py --gpu --official official/VAR   # VAR-d16: levers, the official code
-    python bench.py --kmeans        # K-Means: our default vs scikit-learn's, then ours vs
-                                    # faiss-cpu and scikit-learn from one init (if installed)
     python bench.py --fid           # FID Inception features/s (random weights: same speed)
     python bench.py --cpu           # the quick starts' 5 training steps, each CPU lever
+    python bench.py --chain         # DiGIT's tokens -> pixels: stage 2 + VQVAE vs pixdec
 
 VAR training: images/s of one optimizer step (teacher forcing, backward, AdamW) from the token
 cache of train.py vs the official trainer's way, which runs the frozen VQVAE on every batch.
@@ -24,6 +23,9 @@ under bf16 and fp16 autocast (its demo's); ratios are then against it.
 default flags, random weights) in eager float32, under bf16 autocast (native or emulated, as the
 CPU's flags and ONEDNN_MAX_CPU_ISA say), in channels_last (the conv net), on one thread and
 compiled, each as a ratio to eager; and where the eager step's time goes (torch.profiler).
+--chain: img/s of DiGIT's chain from the same GPT's tokens (--gpt), rendered by stage 2 (one
+forward per VQ token) and its VQVAE's decoder (--stage2) or by the pixel decoder in one forward
+(--pixdec, pixdec.py); the GPT alone is timed too, so the pixel stage's own rate shows.
 FID features: images/s of fid.py's whole path (uint8 256 px -> ADM preprocessing -> pool and
 spatial features, fp32, TF32 off) vs the network alone on ready inputs; on a GPU also vs the
 same network with TF32 convolutions (what a default pytorch-fid run gets on Ampere and later).
@@ -50,8 +52,10 @@ import checkpoint
 import cli
 import data
 import dist
+import gpt
 import inception
 import kmeans
+import sample
 import standin
 import tokenizer
 import train
@@ -231,174 +235,6 @@ def print_rows(title, rows):
         print(f'  {name:45s} {rate:8.1f} img/s  {rate / base:5.2f}x  ' + '  '.join(extras))
 
 
-def make_gmm(n, d, n_comp=2000, seed=0):
-    """Stand-in for un-normalised ViT patch features: n_comp anisotropic components (centre
-    offsets with a 1/j variance spectrum) around a common mean of norm 40, log-normal weights,
-    sigma in [0.3, 0.6], 5% broad background noise. -> (n, d) fp32."""
-    g = torch.Generator().manual_seed(seed)
-    scale = 7.8 / torch.arange(1, d + 1).sqrt()                                    # (d,)
-    mean = F.normalize(torch.randn(d, generator=g), dim=0) * 40                    # (d,)
-    centres = mean + torch.randn(n_comp, d, generator=g) * scale                   # (C, d)
-    weights = torch.randn(n_comp, generator=g).exp()                               # log-normal
-    sigma = 0.3 + 0.3 * torch.rand(n_comp, generator=g)                            # (C,)
-    comp = torch.multinomial(weights, n, replacement=True, generator=g)            # (n,)
-    x = centres[comp] + torch.randn(n, d, generator=g) * sigma[comp, None]         # (n, d)
-    noise = torch.rand(n, generator=g) < 0.05
-    x[noise] = mean + torch.randn(int(noise.sum()), d, generator=g) * 2 * scale
-    return x
-
-
-def exact_inertia(x, c):
-    """sum_x min_k ||x - c_k||^2 over every row of x (N, D), in float64, for centroids c (K, D)
-    of any engine (numpy or torch, flat or not): the same fp32 assignment for all of them."""
-    c = torch.as_tensor(c, dtype=torch.float32).reshape(-1, x.shape[1])             # (K, D)
-    km = kmeans.KMeans(len(c))
-    km.centroids = c
-    return km.assign(x)[1].double().sum().item()
-
-
-def sklearn_kmeans():
-    """scikit-learn's KMeans and threadpoolctl's threadpool_limits, or (None, None) and a line."""
-    try:
-        from sklearn.cluster import KMeans
-        from threadpoolctl import threadpool_limits
-        return KMeans, threadpool_limits
-    except ImportError:
-        print('scikit-learn not installed: pip install scikit-learn threadpoolctl')
-        return None, None
-
-
-def other_engines(x, c0, n_iter, threads):
-    """faiss-cpu's and scikit-learn's K-Means where installed: {name: fit() -> centroids}, all
-    from the centroids c0 but faiss's default (random init), which is timed once, not in rounds."""
-    (n, d), k, engines = x.shape, len(c0), {}
-    try:
-        import faiss
-        faiss.omp_set_num_threads(threads)
-        xn, c0n = x.numpy(), c0.numpy()
-
-        def faiss_fit(**kw):
-            f = faiss.Kmeans(d, k, niter=n_iter, seed=1234, max_points_per_centroid=n)
-            f.train(xn, **kw)
-            return f.centroids
-        engines['faiss-cpu (same init)'] = lambda: faiss_fit(init_centroids=c0n)
-        engines['faiss-cpu random init (default)'] = faiss_fit
-    except ImportError:
-        print('faiss-cpu not installed: pip install faiss-cpu')
-    SKKMeans, threadpool_limits = sklearn_kmeans()
-    if SKKMeans is not None:
-        def sklearn_fit():
-            sk = SKKMeans(k, init=c0.numpy(), n_init=1, max_iter=n_iter, tol=0, algorithm='lloyd')
-            with threadpool_limits(threads):
-                return sk.fit(x.numpy()).cluster_centers_
-        engines['sklearn lloyd (same init)'] = sklearn_fit
-    return engines
-
-
-def bench_kmeans_defaults(threads=2, rounds=3, seeds=(0, 1, 2)):
-    """Default fit vs default fit: ours (greedy k-means++, 2 (2 + ln K) trials, 64 points per
-    centroid, <= 20 Lloyd passes) vs scikit-learn's KMeans(K, random_state=seed) (greedy
-    k-means++, 2 + ln K trials on all points, Lloyd until the centre shift is below 1e-4 of the
-    mean variance, <= 300 iterations) on make_gmm(60000, 96, 512 components), K = 256, `threads`
-    threads. Per seed the two run interleaved `rounds` times; time = the fastest round;
-    inertia = sum_x min_k ||x - c_k||^2 over all N (exact_inertia)."""
-    torch.set_num_threads(threads)
-    x, k = make_gmm(60_000, 96, n_comp=512), 256                                  # (N, D)
-    SKKMeans, threadpool_limits = sklearn_kmeans()
-
-    def run(fit):
-        t = time.perf_counter()
-        c = fit()                                                                  # (K, D)
-        return time.perf_counter() - t, exact_inertia(x, c)
-
-    def sklearn_fit(seed):
-        with threadpool_limits(threads):
-            return SKKMeans(k, random_state=seed).fit(x.numpy()).cluster_centers_
-    print(f'K-Means defaults, N=60000 D=96 (512-component mixture) K={k}, {threads} threads, '
-          f'best of {rounds} interleaved rounds')
-    print(f'{"seed":>4s} {"ours inertia":>13s} {"time":>7s} {"sklearn inertia":>16s} '
-          f'{"time":>7s}  ours/sklearn: inertia  time')
-    ratios = []
-    for seed in seeds:
-        best = {}
-        for _ in range(rounds):
-            engines = {'ours': lambda: kmeans.KMeans(k, seed=seed).fit(x).centroids}
-            if SKKMeans is not None:
-                engines['sklearn'] = lambda: sklearn_fit(seed)
-            for name, fit in engines.items():
-                best[name] = min(best.get(name, (float('inf'),)), run(fit))
-        (t, inr), (t_sk, inr_sk) = best['ours'], best.get('sklearn', (float('nan'),) * 2)
-        ratios.append((inr / inr_sk, t / t_sk))
-        print(f'{seed:4d} {inr:13.6g} {t:6.2f}s {inr_sk:16.6g} {t_sk:6.2f}s  '
-              f'{ratios[-1][0]:20.4f} {ratios[-1][1]:5.2f}x')
-    print(f'mean ratio ours/sklearn: inertia {sum(r[0] for r in ratios) / len(ratios):.4f}, '
-          f'time {sum(r[1] for r in ratios) / len(ratios):.2f}x')
-
-
-def bench_kmeans(n, d, k, n_iter, threads=2, rounds=3):
-    """K-Means on make_gmm data, every engine from the same initial centroids, `threads` CPU
-    threads. The engines run interleaved `rounds` times (the machine may be shared) and each
-    row is the best round. s/iter = fit time / n_iter: ours and faiss run n_iter assignment
-    passes, sklearn one more (its final E-step). % peak = 2 N K D flops per iteration over the
-    fp32 GEMM peak, measured on the assignment's own GEMM (a block of rows times c.T into a
-    reused buffer), best of 20 calls, before and after the engines. Also timed alone: our E-step
-    (one assignment pass over all N) and a bare torch.mm of the same work in the same blocks.
-    Final inertia: computed here, exactly, for every engine's returned centroids. First, the
-    defaults against scikit-learn's (bench_kmeans_defaults)."""
-    bench_kmeans_defaults(threads, rounds)
-    torch.set_num_threads(threads)
-    x = make_gmm(n, d)                                                             # (N, D)
-    c0 = x[torch.randperm(n, generator=torch.Generator().manual_seed(0))[:k]]     # (K, D)
-    km = kmeans.KMeans(k, n_iter=n_iter, tol=0, max_points_per_centroid=None)
-    rows = min(km.block_rows('cpu'), n)
-    xb, out = x[:rows].clone(), torch.empty(rows, k)                               # (rows, D/K)
-
-    def gemm_flops():
-        return 2 * rows * d * k / timeit(lambda: torch.mm(xb, c0.T, out=out), 3, 20)
-
-    def run(fn):
-        t = time.perf_counter()
-        c = fn()
-        return (time.perf_counter() - t) / n_iter, exact_inertia(x, c)
-    peak = gemm_flops()
-    engines = {'ours (same init)': lambda: km.fit(x, init_centroids=c0).centroids}
-    engines.update(other_engines(x, c0, n_iter, threads))
-    results = {}
-    for _ in range(rounds):  # interleaved; keep each engine's fastest round
-        for name, fn in engines.items():
-            if 'default' not in name:
-                results[name] = min(results.get(name, (float('inf'),)), run(fn))
-    peak = max(peak, gemm_flops())
-    with kmeans.no_tf32():  # the E-step alone, and a bare torch.mm of the same work, same blocks
-        x_sq = kmeans._sq_norms(x)                                                 # (N,)
-        t_estep = timeit(lambda: km._assign(x, c0, x_sq), 1, 2 * rounds)
-        t_mm = timeit(lambda: [torch.mm(b, c0.T, out=out[:len(b)]) for b in x.split(rows)],
-                      1, 2 * rounds)
-    kpp = kmeans.KMeans(k, n_iter=n_iter, tol=0, max_points_per_centroid=None)
-    results['ours k-means++ (fit incl. init)'] = run(lambda: kpp.fit(x).centroids)
-    default = 'faiss-cpu random init (default)'
-    if default in engines:
-        results[default] = run(engines[default])
-
-    print(f'K-Means N={n} D={d} K={k}, {n_iter} iterations, {threads} threads, best of {rounds} '
-          f'rounds; fp32 GEMM peak ({rows}x{d})x({d}x{k}) {peak / 1e9:.1f} GFLOP/s; '
-          f'initial inertia {exact_inertia(x, c0):.5g}')
-    t0, i0 = results['ours (same init)']
-    print(f'{"implementation":32s} {"s/iter":>7s} {"% peak":>7s} {"final inertia":>14s}  '
-          f'ratio vs ours (time, inertia)')
-    for name, (t, inr) in results.items():
-        print(f'{name:32s} {t:7.3f} {2 * n * k * d / t / peak * 100:6.1f}% {inr:14.6g}  '
-              f'{t / t0:.2f}x  {inr / i0:.4f}')
-    flops = 2 * n * k * d
-    print(f'ours E-step alone (distances + argmin) {t_estep:.3f} s = {flops / t_estep / peak:.1%} '
-          f'of peak; a bare torch.mm of the same (N x D)(D x K) in the same blocks {t_mm:.3f} s '
-          f'= {flops / t_mm / peak:.1%} of peak')
-    if 'faiss-cpu random init (default)' in results:
-        ratio = (results['ours k-means++ (fit incl. init)'][1]
-                 / results['faiss-cpu random init (default)'][1])
-        print(f'defaults: ours k-means++ / faiss random init final inertia {ratio:.4f}')
-
-
 @torch.no_grad()
 def bench_fid(device, batch):
     """Inception features per second; random weights (the speed does not depend on them)."""
@@ -419,6 +255,40 @@ def bench_fid(device, batch):
         torch.backends.cudnn.allow_tf32 = old
         line += f'  TF32 convolutions (not used) {batch / t_tf32:.1f} img/s'
     print(line)
+
+
+@torch.no_grad()
+def bench_chain(gpt_path, stage2_path, pixdec_path, batch, n_images=500):
+    """DiGIT's pixel stage two ways from the same tokens, float32: stage 2 (top-p 0.8) + its
+    VQVAE decoder vs the pixel decoder, each as sample.py loads it. Speed: img/s of the pixel
+    stage on the GPT's samples and of the whole chain (GPT + pixel stage), best of 3. Quality:
+    PSNR of n_images held-out images of the GPT's data rendered from their own DiGIT tokens."""
+    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    ckpt = checkpoint.load(gpt_path, '--gpt')
+    stage1 = gpt.GPT.from_checkpoint(ckpt, ['gpt'], source=f'--gpt {gpt_path}').to(device)
+    args = sample.get_args(['--ckpt', gpt_path, '--stage2', stage2_path, '--pixdec', pixdec_path])
+    sample.load(args, device)   # fills args with the GPT's sampling defaults (cfg, top-k)
+    labels = torch.arange(batch, device=device) % max(stage1.num_classes, 1)
+    sampled = lambda: stage1.generate(labels, cfg=args.cfg, top_k=args.top_k, seed=0)
+    t_gpt, tokens = timeit(sampled, device=device), sampled()                    # (B, L)
+    tok = tokenizer.Tokenizer.load(ckpt['args']['tokenizer']).to(device)
+    a = ckpt['args']
+    held_out = data.build_dataset(a['data'], a['resolution'], False, seed=a['seed'])
+    img = torch.stack([held_out[i][0] for i in range(min(n_images, len(held_out)))])
+    source = torch.cat([tok.encode(b.to(device)) for b in img.split(100)])      # (N, L)
+    print(f'DiGIT pixel stage, {device}, float32, batch {batch}; GPT alone '
+          f'{batch / t_gpt:.1f} img/s; PSNR over {len(img)} held-out images')
+    rows = []
+    for name, load in (('stage 2 + VQVAE decoder', sample.load_stage2),
+                       ('pixel decoder', sample.load_pixdec)):
+        render = load(args, ckpt, stage1, device)[0]
+        t = timeit(lambda: render(tokens, 0), device=device)
+        rec = torch.cat([render(s, 0).float().cpu() for s in source.split(100)])
+        mse = ((rec.clamp(-1, 1) - img) / 2).square().mean((1, 2, 3))           # (N,)
+        rows.append((name, batch / t, batch / (t + t_gpt), (-10 * mse.log10()).mean().item()))
+    for name, stage, chain, psnr in rows:
+        print(f'  {name:25s} pixel stage {stage:8.1f} img/s ({stage / rows[0][1]:5.2f}x)  '
+              f'chain {chain:8.1f} img/s ({chain / rows[0][2]:5.2f}x)  PSNR {psnr:.2f} dB')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -539,14 +409,13 @@ def bench_cpu(repeat):
 def main(args):
     if args.cpu:
         return bench_cpu(args.repeat)
+    if args.chain:
+        return bench_chain(args.gpt, args.stage2, args.pixdec, args.gen_batch)
     if args.gpu:
         return bench_gpu(args)
     if args.fid:
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
         return bench_fid(device, args.batch or (200 if device == 'cuda' else 16))
-    if args.kmeans:
-        return bench_kmeans(args.kmeans_n, args.kmeans_d, args.kmeans_k, args.kmeans_iter,
-                            rounds=args.kmeans_rounds)
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     print(f'device {device}' + (f' ({torch.cuda.get_device_name()})' if device == 'cuda' else '')
           + f', torch {torch.__version__}, {torch.get_num_threads()} CPU threads')
@@ -578,16 +447,14 @@ def build_parser():
                    'train and sample (at most 5 min on an H100)')
     p.add_argument('--official', default='', help='--gpu: an extracted FoundationVision/VAR '
                    'checkout, run beside ours')
-    p.add_argument('--kmeans', action='store_true', help='the K-Means benchmark instead of VAR')
     p.add_argument('--fid', action='store_true', help='the FID Inception benchmark instead')
     p.add_argument('--cpu', action='store_true', help="the quick starts' five training steps at "
                    '32 px, each CPU lever on and off (compile, bf16, channels_last, threads)')
     p.add_argument('--repeat', type=int, default=5, help='--cpu: timed steps (best of)')
-    p.add_argument('--kmeans_n', type=int, default=200_000, help='K-Means points')
-    p.add_argument('--kmeans_d', type=int, default=384, help='K-Means feature dimension')
-    p.add_argument('--kmeans_k', type=int, default=1024, help='K-Means centroids')
-    p.add_argument('--kmeans_iter', type=int, default=20, help='K-Means Lloyd iterations')
-    p.add_argument('--kmeans_rounds', type=int, default=3, help='K-Means interleaved repeats')
+    p.add_argument('--chain', action='store_true', help="DiGIT's chain: stage 2 vs pixdec")
+    p.add_argument('--gpt', default='out/gpt/ckpt.pt', help='--chain: the GPT')
+    p.add_argument('--stage2', default='out/stage2/ckpt.pt', help='--chain: stage 2')
+    p.add_argument('--pixdec', default='out/pixdec/ckpt.pt', help='--chain: the pixel decoder')
     return p
 
 

@@ -143,7 +143,8 @@ def load(path, what='checkpoint', foreign=False):
 def describe(obj):
     """What a loaded file holds, in a few words, for the one-line errors."""
     if isinstance(obj, dict) and isinstance(obj.get('kind'), str):
-        return f"a train.py --model {obj['kind']} checkpoint"
+        whole = all(isinstance(obj.get(k), dict) for k in ('config', 'model'))
+        return f"a{'' if whole else 'n incomplete'} train.py --model {obj['kind']} checkpoint"
     if is_fairseq(obj):
         return "a fairseq checkpoint (DiGIT's released stage 1 or 2)"
     if isinstance(obj, dict):

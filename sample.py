@@ -11,6 +11,7 @@ VAR, zero-shot editing (VAR Appendix B: in-painting, out-painting, class-conditi
     python sample.py --ckpt out/var/ckpt.pt --edit_image dog.png --edit_mask hole.png \
         --classes 3                                                    # repaint the white area
     python sample.py --ckpt out/gpt/ckpt.pt --stage2 out/stage2/ckpt.pt      # DiGIT's grid
+    python sample.py --ckpt out/gpt/ckpt.pt --pixdec out/pixdec/ckpt.pt   # tokens -> pixels
     python sample.py --ckpt checkpoint_stage1.pt --stage2 checkpoint_stage2.pt \
         --vqgan vqgan_jax_strongaug.ckpt                 # DiGIT's released fairseq checkpoints
     torchrun --nproc_per_node=8 sample.py --ckpt checkpoint_stage1.pt --stage2 \
@@ -43,6 +44,7 @@ import cli
 import data
 import dist
 import gpt
+import pixdec
 import var
 import vqgan
 import vqvae
@@ -62,6 +64,8 @@ def build_parser():
     p.add_argument('--vae', default='', help="the VQVAE (default: the one the checkpoint names)")
     p.add_argument('--stage2', default='out/stage2/ckpt.pt', help='DiGIT: the stage-2 checkpoint '
                    '(ours or the released fairseq file)')
+    p.add_argument('--pixdec', default='', help='DiGIT: render the tokens in one pass with this '
+                   'train.py --model pixdec checkpoint instead of stage 2')
     p.add_argument('--vqgan', default='', help="DiGIT's released stage 2: MAGE's VQGAN file "
                    '(default: the copy inside --stage2)')
     p.add_argument('--stage2_top_p', type=cli.fraction, default=0.8, help='DiGIT: stage-2 top-p')
@@ -119,6 +123,9 @@ def load(args, device):
         raise UserError(f'--ckpt {args.ckpt} holds a {kind}, not a var or gpt checkpoint')
     if kind == 'gpt':
         return load_digit(args, ckpt, device)
+    if args.pixdec:
+        raise UserError(f'--pixdec {args.pixdec} renders DiGIT tokens; --ckpt {args.ckpt} is a '
+                        'VAR, which its VQVAE renders')
     defaults(args, cfg=4.0, top_k=900, top_p=0.95)
     vae_path = args.vae or (ckpt.get('vae') if isinstance(ckpt.get('vae'), str) else '')
     if not vae_path:
@@ -145,25 +152,57 @@ def digit_top_k(vocab_size):
 
 
 def load_digit(args, ckpt, device):
-    """DiGIT's chain: GPT -> DiGIT tokens -> stage 2 -> VQ tokens -> pixels, through stage 2's
-    VQVAE (ours) or MAGE's VQGAN (DiGIT's released stage 2: --vqgan, or the copy inside it)."""
-    if not os.path.exists(args.stage2):
-        raise UserError(f'--stage2 {args.stage2} not found: train it (python train.py --model '
-                        'stage2) to turn DiGIT tokens into pixels')
-    s2_ckpt = checkpoint.load(args.stage2, '--stage2', foreign=True)
-    stage2 = gpt.GPT.from_checkpoint(s2_ckpt, ['stage2'], not args.no_ema,
-                                     f'--stage2 {args.stage2}').to(device)
+    """DiGIT's chain: GPT -> DiGIT tokens -> pixels, through stage 2 and its VQ decoder, or in
+    one forward pass through a pixel decoder (--pixdec, pixdec.py). Returns load()'s values."""
     stage1 = gpt.GPT.from_checkpoint(ckpt, ['gpt'], not args.no_ema, f'--ckpt {args.ckpt}')
     stage1 = stage1.to(device)
-    if (stage2.config.source_len, stage2.config.source_vocab_size) != \
-            (stage1.config.block_size, stage1.config.vocab_size):
-        raise UserError(f'{args.stage2} was trained on another DiGIT tokenizer than {args.ckpt}')
+    render, decoder = (load_pixdec if args.pixdec else load_stage2)(args, ckpt, stage1, device)
     if checkpoint.is_fairseq(ckpt):   # no null class; DiGIT's top-k
         defaults(args, cfg=0.0, top_k=300 if stage1.num_classes else 200, top_p=0.0)
         if args.cfg:
             raise UserError(f"--cfg {args.cfg}: DiGIT's released stage 1 learnt no null class, "
                             'so it has no guidance; use --cfg 0')
     defaults(args, cfg=2.0, top_k=digit_top_k(stage1.config.vocab_size), top_p=0.0)
+
+    def generate(labels, seed, **edit):
+        if edit:
+            raise UserError('zero-shot editing is VAR\'s; DiGIT completes prefixes instead')
+        tokens = stage1.generate(labels, cfg=args.cfg, temperature=args.temperature,
+                                 top_k=args.top_k, top_p=args.top_p, seed=seed)    # (B, S)
+        return (render(tokens, seed) + 1) / 2
+    return generate, decoder, stage1.num_classes, ckpt.get('class_names')
+
+
+def load_pixdec(args, ckpt, stage1, device):
+    """render(tokens (B, S), seed) -> images in [-1, 1] by --pixdec, and the decoder; it must
+    have been trained on the tokenizer of stage 1 (the same file, by SHA-256, where both
+    checkpoints name it)."""
+    state = checkpoint.load(args.pixdec, '--pixdec')
+    decoder = pixdec.PixelDecoder.from_checkpoint(state, not args.no_ema,
+                                                  f'--pixdec {args.pixdec}')
+    digests = [c.get('args', {}).get('frozen_sha256', {}).get('tokenizer') for c in (ckpt, state)]
+    cfg = decoder.config
+    if (cfg.vocab_size, cfg.grid ** 2) != (stage1.config.vocab_size, stage1.config.block_size) \
+            or (all(digests) and digests[0] != digests[1]):
+        raise UserError(f'--pixdec {args.pixdec} was trained on another DiGIT tokenizer than '
+                        f'--ckpt {args.ckpt}')
+    decoder = decoder.to(device)
+    return lambda tokens, seed: decoder(tokens), decoder
+
+
+def load_stage2(args, ckpt, stage1, device):
+    """render(tokens (B, S), seed) -> images in [-1, 1] through --stage2 (top-p
+    --stage2_top_p) and its VQ decoder: our VQVAE, or MAGE's VQGAN for DiGIT's released stage 2
+    (--vqgan, or the copy inside it); and that decoder."""
+    if not os.path.exists(args.stage2):
+        raise UserError(f'--stage2 {args.stage2} not found: train it (python train.py --model '
+                        'stage2) to turn DiGIT tokens into pixels, or pass --pixdec')
+    s2_ckpt = checkpoint.load(args.stage2, '--stage2', foreign=True)
+    stage2 = gpt.GPT.from_checkpoint(s2_ckpt, ['stage2'], not args.no_ema,
+                                     f'--stage2 {args.stage2}').to(device)
+    if (stage2.config.source_len, stage2.config.source_vocab_size) != \
+            (stage1.config.block_size, stage1.config.vocab_size):
+        raise UserError(f'{args.stage2} was trained on another DiGIT tokenizer than {args.ckpt}')
     if checkpoint.is_fairseq(s2_ckpt) and args.vae:
         raise UserError(f'--vae {args.vae}: DiGIT\'s released stage 2 decodes with MAGE\'s '
                         'VQGAN (--vqgan, or the copy inside --stage2), not a VQVAE')
@@ -181,15 +220,11 @@ def load_digit(args, ckpt, device):
                         f'{codes[1]} codes; stage 2 writes 1 scale of {stage2.config.vocab_size}')
     vae = vae.to(device).eval()
 
-    def generate(labels, seed, **edit):
-        if edit:
-            raise UserError('zero-shot editing is VAR\'s; DiGIT completes prefixes instead')
-        tokens = stage1.generate(labels, cfg=args.cfg, temperature=args.temperature,
-                                 top_k=args.top_k, top_p=args.top_p, seed=seed)    # (B, S)
-        vq = stage2.generate(torch.zeros_like(labels), top_p=args.stage2_top_p, seed=seed,
-                             source=tokens)                                       # (B, L)
-        return (vae.idx_to_img([vq]) + 1) / 2
-    return generate, vae, stage1.num_classes, ckpt.get('class_names')
+    def render(tokens, seed):
+        vq = stage2.generate(torch.zeros(len(tokens), dtype=torch.long, device=tokens.device),
+                             top_p=args.stage2_top_p, seed=seed, source=tokens)   # (B, L)
+        return vae.idx_to_img([vq])
+    return render, vae
 
 
 def load_image(path, resolution, mode='RGB'):
@@ -221,7 +256,7 @@ def main(args):
         build_parser().error(f'argument --classes: {bad[0]} is not a class of this model ' +
                              (f'(0..{K - 1})' if K else '(it is unconditional)'))
     n_labels = max(K, 1)   # unconditional: every sample gets label 0, the BOS
-    resolution = vae.config.patch_nums[-1] * vae.downsample
+    resolution = vae.resolution
     if args.num_samples:   # N samples for FID, sharded over ranks
         prefix = glob.escape(args.npz)   # the shards and temporary files of a killed run:
         for old in glob.glob(prefix + '.rank*.npy*') + glob.glob(prefix + '.tmp*'):

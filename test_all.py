@@ -40,6 +40,7 @@ import fid
 import inception
 import gpt
 import kmeans
+import pixdec
 import sample
 import standin
 import tokenizer
@@ -2535,6 +2536,81 @@ def test_train_ssl_resumes_exactly_and_feeds_the_tokenizer(tmp_path):
                        tok.encode(images(2, 16)))
 
 
+@pytest.fixture(scope='module')
+def digit_run(tmp_path_factory):
+    """A tiny DiGIT run on 16 px built-in images: a stand-in encoder, its K-Means tokenizer (8
+    tokens, 4x4 per image) and a GPT of depth 1; their paths."""
+    tmp = tmp_path_factory.mktemp('digit')
+    train.main(train.get_args(tiny_run(tmp / 'ssl', '--model', 'ssl', '--depth', '4',
+                                       '--patch_size', '4', '--max_iters', '2')))
+    tok = str(tmp / 'tok.pt')
+    tokenizer.main(['fit', '--encoder', str(tmp / 'ssl' / 'ckpt.pt'), '--k', '8', '--images',
+                    '16', '--n_iter', '2', '--out', tok])
+    train.main(train.get_args(tiny_run(tmp / 'gpt', '--model', 'gpt', '--depth', '1',
+                                       '--tokenizer', tok, '--max_iters', '2')))
+    return types.SimpleNamespace(tmp=tmp, tok=tok, gpt=str(tmp / 'gpt' / 'ckpt.pt'))
+
+
+def test_pixdec_shapes_and_it_reads_centroids_not_ids():
+    """Token maps (B, g*g) or (B, g, g) -> images (B, 3, g * 4, g * 4) with ch_mult (1, 2, 2);
+    two ids with the same centroid render the same, and new centroids change the rendering."""
+    torch.manual_seed(0)
+    centroids = torch.randn(6, 10)
+    centroids[5] = centroids[2]
+    model = pixdec.PixelDecoder(centroids, vocab_size=6, feature_dim=10, grid=3).eval()
+    tokens = torch.randint(0, 5, (2, 9))
+    out = model(tokens)
+    assert out.shape == (2, 3, 12, 12) and model.resolution == 12
+    assert torch.equal(model(tokens.view(2, 3, 3)), out)
+    assert torch.equal(model(torch.where(tokens == 2, 5, tokens)), out)     # same centroid
+    assert torch.equal(model(torch.where(tokens == 2, 3, tokens)), out) is False
+    model.centroids.add_(0.5)
+    assert (model(tokens) - out).abs().max() > 1e-3
+    with pytest.raises(SystemExit, match=r'1 mis-shaped \(centroids \(6, 10\) for \(7, 10\)'):
+        checkpoint.fill(pixdec.PixelDecoder(vocab_size=7, feature_dim=10, grid=3),
+                        model.state_dict(), 'x', 'PixelDecoder')
+
+
+def test_pixdec_learns_resumes_exactly_and_renders_the_gpts_samples(digit_run, tmp_path):
+    """train.py --model pixdec on a frozen tokenizer: 30 steps render held-out images from their
+    tokens better than the tokens' mean patches; 30 == 15 + resume 15, exactly; sample.py
+    --pixdec draws GPT -> decoder with the sample's seed (grid and .npz); a decoder of another
+    tokenizer, or --ch_mult that misses --resolution, is one line."""
+    run = lambda out, *a: tiny_run(out, '--model', 'pixdec', '--tokenizer', digit_run.tok,
+                                   '--max_iters', '30', '--eval_every', '30', *a)
+    whole = train.main(train.get_args(run(tmp_path / 'a')))
+    log = open(tmp_path / 'a' / 'log.txt').read()
+    psnr, means = (float(log.split(f' {k} ')[-1].split()[0]) for k in ('psnr', 'means_psnr'))
+    assert psnr > means + 0.5, log
+    assert (tmp_path / 'a' / 'recon_000030.png').exists()
+    train.main(train.get_args(run(tmp_path / 'b', '--stop_after', '15')))
+    resumed = train.main(train.get_args(run(tmp_path / 'b', '--stop_after', '15')))
+    for (k, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+    decoder = str(tmp_path / 'a' / 'ckpt.pt')
+    args = sample.get_args(['--ckpt', digit_run.gpt, '--pixdec', decoder, '--device', 'cpu'])
+    generate, _, num_classes, _ = sample.load(args, 'cpu')
+    labels = torch.tensor([0, 1, 2])   # the .npz's first batch: samples i of class i % 10
+    stage1 = gpt.GPT.from_checkpoint(digit_run.gpt, ['gpt'])
+    tokens = stage1.generate(labels, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, seed=5)
+    expected = (pixdec.PixelDecoder.from_checkpoint(decoder)(tokens) + 1) / 2
+    assert torch.equal(generate(labels, 5), expected) and num_classes == 10
+    npz = tmp_path / 's.npz'
+    sample.main(sample.get_args(['--ckpt', digit_run.gpt, '--pixdec', decoder, '--device', 'cpu',
+                                 '--num_samples', '3', '--npz', str(npz), '--seed', '5']))
+    assert np.array_equal(np.load(npz)['arr_0'], data.to_uint8(expected * 2 - 1))
+    with pytest.raises(SystemExit, match='upsamples .* 4x4 tokens to 32 px, not --resolution 16'):
+        train.main(train.get_args(run(tmp_path / 'c', '--ch_mult', '1,2,2,2')))
+    other = tmp_path / 'tok2.pt'
+    tokenizer.main(['fit', '--encoder', str(digit_run.tmp / 'ssl' / 'ckpt.pt'), '--k', '8',
+                    '--images', '16', '--n_iter', '2', '--out', str(other), '--seed', '1'])
+    train.main(train.get_args(tiny_run(tmp_path / 'd', '--model', 'pixdec', '--tokenizer',
+                                       str(other), '--max_iters', '1')))
+    with pytest.raises(SystemExit, match='was trained on another DiGIT tokenizer than --ckpt'):
+        sample.load(sample.get_args(['--ckpt', digit_run.gpt, '--pixdec',
+                                     str(tmp_path / 'd' / 'ckpt.pt')]), 'cpu')
+
+
 def test_train_probe_reads_a_released_stage1_with_digits_protocol(tmp_path):
     """train.py --model probe --gpt <fairseq stage 1> --tokenizer T: the GPT is the file's, the
     heads probe layers 0..depth-1 over all 257 positions (DiGIT's model_linearprobe); a
@@ -3525,7 +3601,9 @@ def make_cli_files(d):
                        patch_nums=(8,))
     checkpoint.save(dict(kind='vqvae', config=vqvae.asdict(vae1.config), model=vae1.state_dict(),
                          ema=None), p['vae1'])
-    checkpoint.save({'kind': 'gpt'}, p['gpt'])        # reaches the stage-2 checks, no further
+    stage1 = gpt.GPT(vocab_size=8, block_size=4, depth=1, num_classes=10)
+    checkpoint.save(dict(kind='gpt', config=vqvae.asdict(stage1.config),
+                         model=stage1.state_dict(), ema=None), p['gpt'])
     png = io.BytesIO()
     Image.new('RGB', (1, 1)).save(png, format='PNG')
     ihdr = b'IHDR' + (30000).to_bytes(4, 'big') * 2 + png.getvalue()[24:29]   # 30000 x 30000
@@ -3697,6 +3775,9 @@ BAD_COMMAND_LINES = [
                '--out_dir', '{tmp}/o'], 'nowhere.pt', 1),
     ('sample', ['--ckpt', '{var}', '--vae', '{vae1}', *SA], 'VQVAE given has (8,)', 1),
     ('sample', ['--ckpt', '{var}', '--vae', '{var}', *SA], 'var.pt', 1),
+    ('sample', ['--ckpt', '{var}', '--pixdec', '{gpt}', *SA], '--pixdec', 1),
+    ('sample', ['--ckpt', '{gpt}', '--pixdec', '{var}', *SA], '--pixdec', 1),
+    ('sample', ['--ckpt', '{gpt}', '--pixdec', '{tmp}/nowhere.pt', *SA], 'nowhere.pt', 1),
     ('sample', ['--ckpt', '{var}', '--num_samples', '2', '--npz', '{empty}', *SA[:-2]], '--npz',
      2),
     ('sample', ['--ckpt', '{var}', '--classes', '1', '--edit_image', '{bomb}', '--edit_mask',

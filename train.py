@@ -10,6 +10,7 @@ task lives beside its model:
     --model gpt      digit.GPTTraining     DiGIT's raster-order GPT on a DiGIT tokenizer's tokens
     --model stage2   digit.Stage2Training  DiGIT's stage 2: DiGIT tokens -> VQ tokens
     --model probe    digit.ProbeTraining   DiGIT's linear probe of a frozen GPT (Table 2)
+    --model pixdec   pixdec.Training       DiGIT tokens -> pixels in one pass (the open problem)
 
 A training task is a small class; train.py uses exactly this of it:
     add_args(parser)          its flags, in an argument group of its own (a static method)
@@ -26,7 +27,7 @@ A training task is a small class; train.py uses exactly this of it:
     no_decay                  parameter-name parts that get no weight decay
 and where a model needs them: discriminator(), disc_loss(disc, step) (the VQVAE's GAN), after_step
 (model, batch, step) -> log counts, log_extras(model), figures(sums); fid_images(model, indices)
--> images in [-1, 1] whose FID (fid.HeldOut) is logged at every eval (vqvae, var, stage2).
+-> images in [-1, 1] whose FID (fid.HeldOut) is logged at every eval (all but ssl, gpt, probe).
 
     python train.py --model vqvae                         # laptop / CPU: built-in data, 32 px
     python train.py --model var --depth 4 --lr 1e-3 --max_iters 300     # ... then VAR on it
@@ -55,13 +56,15 @@ import data
 import digit
 import dist
 import fid
+import pixdec
 import standin
 import var
 import vqvae_train
 from cli import below_one, fraction, nonneg_float, nonneg_int, positive_float, positive_int
 
 MODELS = {'vqvae': vqvae_train.Training, 'var': var.Training, 'ssl': standin.Training,
-          'gpt': digit.GPTTraining, 'stage2': digit.Stage2Training, 'probe': digit.ProbeTraining}
+          'gpt': digit.GPTTraining, 'stage2': digit.Stage2Training,
+          'probe': digit.ProbeTraining, 'pixdec': pixdec.Training}
 # shared flags left unset and not set by the model's defaults
 SHARED_DEFAULTS = dict(depth=16, total_batch_size=32, batch_size=32, max_iters=400,
                        label_smooth=0.0, grad_clip=2.0, dropout=0.0)
@@ -73,9 +76,8 @@ def build_parser():
     g.add_argument('--model', choices=list(MODELS), default='vqvae', help='what to train')
     g.add_argument('--depth', type=positive_int, help='blocks: var, gpt, stage2 16 (width '
                    '64*depth, heads = depth; VAR paper: 16-30; DiGIT-base 16); ssl 4')
-    g.add_argument('--vae', help='var: the frozen tokenizer, a train.py checkpoint or '
-                   'vae_ch160v4096z32.pth (default out/vqvae/ckpt.pt); stage2: a single-scale '
-                   'VQVAE (default out/vqvae_1scale/ckpt.pt)')
+    g.add_argument('--vae', help='var: the frozen tokenizer, a train.py checkpoint or vae_ch160v'
+                   '4096z32.pth (out/vqvae/ckpt.pt); stage2: 1-scale VQVAE (out/vqvae_1scale/...)')
     g.add_argument('--dropout', type=below_one, help='dropout (gpt, stage2 0.1)')
     g.add_argument('--label_smooth', type=below_one, help='label smoothing (var 0, gpt 0.1)')
     g.add_argument('--cfg', type=nonneg_float, default=4.0, help='var, gpt: guidance of grids')
@@ -151,8 +153,7 @@ def add_shared_args(p):
     g.add_argument('--eval_images', type=positive_int, default=1000, help='held-out images used')
     g.add_argument('--sample_every', type=positive_int, default=200, help='steps between grids')
     g.add_argument('--save_every', type=positive_int, default=200, help='steps between saves')
-    g.add_argument('--stop_after', type=nonneg_int, default=0,
-                   help='exit after this many steps in this run (checkpointed; rerun resumes)')
+    g.add_argument('--stop_after', type=nonneg_int, default=0, help='pause after N steps')
     g.add_argument('--fid_images', type=nonneg_int, default=1000, help='FID at evals (0: off)')
 
 
@@ -434,8 +435,7 @@ def fit(args, run):
 
 
 def report(task, held_out, fid_ref, args, state, ckpt_path, log_path):
-    """The final held-out figures (the task's summary, FID over fid_ref.n images) and where
-    the results are."""
+    """The final held-out figures (the task's summary, FID) and where the results are."""
     step, name, bad = state['step'], task.picture_name, state['bad'].paths
     print('\n' + task.summary(held_out, step))
     if 'fid' in held_out:

@@ -379,6 +379,11 @@ class VQVAE(nn.Module):
         self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 3, padding=1)
         self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 3, padding=1)
 
+    @property
+    def resolution(self):
+        """The image side its finest token map covers."""
+        return self.config.patch_nums[-1] * self.downsample
+
     def encode(self, img):
         """(B, 3, H*s, W*s) in [-1, 1] -> f (B, C, H, W), s = 2**(len(ch_mult)-1)."""
         return self.quant_conv(self.encoder(img))

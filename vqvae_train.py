@@ -245,15 +245,17 @@ class Training:
         """The generator loss above; its parts for the log. Keeps (x, x_hat) for disc_loss."""
         args = self.args
         img = batch[0].to(self.run.device, non_blocking=True)
-        rec, vq_loss, _ = model(img)
+        rec, vq_loss = self.reconstruct(model, img)
         l1, l2 = (rec - img).abs().mean(), F.mse_loss(rec, img)
         rec_loss = args.l1 * l1 + args.l2 * l2
-        parts = dict(l1=l1.detach(), l2=l2.detach(), vq=vq_loss.detach())
+        parts = dict(l1=l1.detach(), l2=l2.detach())
+        if vq_loss is not None:
+            parts['vq'] = vq_loss.detach()
         if self.lpips is not None:
             perceptual = self.lpips(rec.float(), img.float()).mean()
             rec_loss = rec_loss + args.lpips_weight * perceptual
             parts['lpips'] = perceptual.detach()
-        loss = rec_loss + vq_loss
+        loss = rec_loss + vq_loss if vq_loss is not None else rec_loss
         if self.disc is not None and step >= args.disc_start:
             self.disc.requires_grad_(False)   # important! the generator step must not train D
             g_loss = -self.disc(rec).mean()
@@ -264,6 +266,11 @@ class Training:
             parts.update(g=g_loss.detach(), g_weight=weight)
         self.last = img, rec
         return loss, parts
+
+    def reconstruct(self, model, img):
+        """x_hat (B, 3, H, W) and the VQ loss (VAR Eq. 5) of img; pixdec.py renders tokens."""
+        rec, vq_loss, _ = model(img)
+        return rec, vq_loss
 
     def disc_loss(self, disc, step):
         """The hinge loss of D on the images and reconstructions loss() just saw."""
