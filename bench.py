@@ -55,6 +55,7 @@ import dist
 import gpt
 import inception
 import kmeans
+import pixdec
 import sample
 import standin
 import tokenizer
@@ -262,7 +263,8 @@ def bench_chain(gpt_path, stage2_path, pixdec_path, batch, n_images=500):
     """DiGIT's pixel stage two ways from the same tokens, float32: stage 2 (top-p 0.8) + its
     VQVAE decoder vs the pixel decoder, each as sample.py loads it. Speed: img/s of the pixel
     stage on the GPT's samples and of the whole chain (GPT + pixel stage), best of 3. Quality:
-    PSNR of n_images held-out images of the GPT's data rendered from their own DiGIT tokens."""
+    n_images held-out images of the GPT's data rendered from their own DiGIT tokens, their PSNR
+    and their fine detail as a share of the images' (pixdec.laplacian_energy)."""
     device = 'cuda' if torch.cuda.is_available() else 'cpu'
     ckpt = checkpoint.load(gpt_path, '--gpt')
     stage1 = gpt.GPT.from_checkpoint(ckpt, ['gpt'], source=f'--gpt {gpt_path}').to(device)
@@ -285,10 +287,12 @@ def bench_chain(gpt_path, stage2_path, pixdec_path, batch, n_images=500):
         t = timeit(lambda: render(tokens, 0), device=device)
         rec = torch.cat([render(s, 0).float().cpu() for s in source.split(100)])
         mse = ((rec.clamp(-1, 1) - img) / 2).square().mean((1, 2, 3))           # (N,)
-        rows.append((name, batch / t, batch / (t + t_gpt), (-10 * mse.log10()).mean().item()))
-    for name, stage, chain, psnr in rows:
+        detail = pixdec.laplacian_energy(rec) / pixdec.laplacian_energy(img) * 100
+        rows.append((name, batch / t, batch / (t + t_gpt), (-10 * mse.log10()).mean(), detail))
+    for name, stage, chain, psnr, detail in rows:
         print(f'  {name:25s} pixel stage {stage:8.1f} img/s ({stage / rows[0][1]:5.2f}x)  '
-              f'chain {chain:8.1f} img/s ({chain / rows[0][2]:5.2f}x)  PSNR {psnr:.2f} dB')
+              f'chain {chain:8.1f} img/s ({chain / rows[0][2]:5.2f}x)  PSNR {psnr:.2f} dB  '
+              f'fine detail {detail:.0f}%')
 
 
 # ----------------------------------------------------------------------------------------------

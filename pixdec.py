@@ -85,6 +85,16 @@ class PixelDecoder(nn.Module):
         return checkpoint.fill(model, weights, source, f'PixelDecoder({state["config"]})').eval()
 
 
+def laplacian_energy(x):
+    """Sum over images of the mean |discrete Laplacian| (4 x - its 4 neighbours) of x
+    (B, C, H, W) in [-1, 1]: the fine detail of an image, a sharpness measure. A decoder that
+    renders a token's mean patch has less of it than the images it was trained on."""
+    x = x.float().clamp(-1, 1)
+    lap = 4 * x[..., 1:-1, 1:-1] - x[..., :-2, 1:-1] - x[..., 2:, 1:-1] \
+        - x[..., 1:-1, :-2] - x[..., 1:-1, 2:]                                  # (B, C, H-2, W-2)
+    return lap.abs().mean((1, 2, 3)).sum()
+
+
 class Training(vqvae_train.Training):
     """--model pixdec: a PixelDecoder on the tokens of the frozen --tokenizer, trained as the
     VQVAE is (its flags, recipe and losses); held-out PSNR of image -> tokens -> pixels beside
@@ -136,7 +146,8 @@ class Training(vqvae_train.Training):
         return {}
 
     def val_sums(self, model, batch):
-        """Held-out sums: L2 and PSNR of the rendering, PSNR of the tokens' mean patches."""
+        """Held-out sums: L2 and PSNR of the rendering, PSNR of the tokens' mean patches, and
+        the fine detail (laplacian_energy) of the rendering and of the images."""
         img = batch[0].to(self.run.device)
         tokens = self.tokens(img)                                                 # (B, L)
         with self.run.autocast:
@@ -146,12 +157,16 @@ class Training(vqvae_train.Training):
             mse = ((x.clamp(-1, 1) - img) / 2).square().mean((1, 2, 3))           # (B,)
             sums[name + 'psnr'] = (-10 * mse.clamp_min(1e-10).log10()).sum()
             sums[name + 'l2'] = 4 * mse.sum()
+        sums['detail'], sums['detail_ref'] = laplacian_energy(rec), laplacian_energy(img)
         return sums
 
     @staticmethod
     def figures(sums):
-        n = sums.pop('n').clamp_min(1)
-        return {k: (v / n).item() for k, v in sums.items()}
+        """Means per image; detail% = the renderings' fine detail as a share of the images'."""
+        n, ref = sums.pop('n').clamp_min(1), sums.pop('detail_ref')
+        out = {k: (v / n).item() for k, v in sums.items() if k != 'detail'}
+        out['detail%'] = (100 * sums['detail'] / ref.clamp_min(1e-12)).item()
+        return out
 
     @torch.no_grad()
     def picture(self, model, path, n=8):
@@ -173,4 +188,6 @@ class Training(vqvae_train.Training):
 
     def summary(self, r, step):
         return (f'held-out reconstruction from DiGIT tokens PSNR {r["psnr"]:.2f} dB (l2 '
-                f'{r["l2"]:.4f}) after {step} steps; their mean patches {r["means_psnr"]:.2f} dB')
+                f'{r["l2"]:.4f}) after {step} steps; their mean patches {r["means_psnr"]:.2f} dB'
+                f'\nfine detail of the renderings: {r["detail%"]:.0f}% of the images\' '
+                f'(mean |Laplacian|)')
