@@ -191,16 +191,20 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr (S1 S2)^(1/2), float64, -> float. S1 S2 is similar
     to the PSD M = R S2 R with R = S1^(1/2), so tr (S1 S2)^(1/2) = sum_i sqrt(lambda_i(M)): two
     symmetric eigendecompositions, real even for singular covariances (faster than scipy's
-    sqrtm, at the same accuracy). Tiny negative eigenvalues are clamped to 0; the result is not."""
+    sqrtm, at the same accuracy). With S1 = V W V^T restricted to its numerical rank r (n
+    images give r < n), R = H V^T, H = V W^(1/2) (d, r), and M has the nonzero eigenvalues of
+    the r x r matrix H^T S2 H: the second one is small whenever the images are fewer than the
+    d features. Tiny negative eigenvalues are clamped to 0; the result is not."""
     mu1, mu2 = (torch.as_tensor(np.asarray(m), dtype=torch.float64) for m in (mu1, mu2))
     s1, s2 = (torch.as_tensor(np.asarray(s), dtype=torch.float64) for s in (sigma1, sigma2))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (len(mu1), len(mu1)):
         raise ValueError(f'fid: statistics do not match: mu {tuple(mu1.shape)} vs '
                          f'{tuple(mu2.shape)}, sigma {tuple(s1.shape)} vs {tuple(s2.shape)}')
     w, v = torch.linalg.eigh(s1)
-    root = (v * w.clamp(min=0).sqrt()) @ v.T                                # S1^(1/2)
-    m = root @ s2 @ root
-    tr_sqrt = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()
+    keep = w > w.max().clamp(min=0) * len(w) * torch.finfo(w.dtype).eps      # S1's rank r
+    half = v[:, keep] * w[keep].sqrt()                                       # H (d, r)
+    core = half.T @ s2 @ half                                                # (r, r)
+    tr_sqrt = torch.linalg.eigvalsh((core + core.T) / 2).clamp(min=0).sqrt().sum()
     return float((mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * tr_sqrt)
 
 

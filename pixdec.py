@@ -104,28 +104,25 @@ class Training(vqvae_train.Training):
     add_args = staticmethod(lambda parser: None)   # the VQVAE's flags, and DiGIT's --tokenizer
 
     def __init__(self, args, train_set, val_set, run):
-        self.args, self.run = args, run
-        self.train_set, self.val_set = train_set, val_set
-        self.lpips = None
-        if args.lpips_vgg:
-            self.lpips = vqvae_train.LPIPS().load(args.lpips_vgg, args.lpips_lin).to(run.device)
-        self.disc = self.last = None
         self.tok = tok = digit.load_tokenizer(args.tokenizer, run.device)
-        preset = dict(vqvae_train.PRESETS[args.vae_preset])
-        cfg = {k: getattr(args, k) or preset[k]
-               for k in ('z_channels', 'ch', 'ch_mult', 'num_res_blocks')}
-        self.config = asdict(PixelDecoderConfig(vocab_size=tok.vocab_size, grid=tok.grid,
-                                                feature_dim=tok.centroids.shape[1], **cfg))
-        side = tok.grid * 2 ** (len(cfg['ch_mult']) - 1)
-        if side != args.resolution:
-            raise UserError(f"--ch_mult {','.join(map(str, cfg['ch_mult']))} upsamples the "
-                            f"tokenizer's {tok.grid}x{tok.grid} tokens to {side} px, not "
-                            f'--resolution {args.resolution}: use {len(cfg["ch_mult"])} '
-                            f'levels that reach it')
+        super().__init__(args, train_set, val_set, run)   # make_config, LPIPS, the PatchGAN
         n = min(len(train_set), 1000)
         images = torch.stack([train_set[i][0] for i in range(n)])                 # (n, 3, H, W)
         tokens = torch.cat([self.tokens(b.to(run.device)).cpu() for b in images.split(100)])
         self.means = digit.patch_means(tokens, images, tok.vocab_size)           # (K, 3, p, p)
+
+    def make_config(self, args):
+        """The VQVAE's decoder flags (its preset where unset) on the tokenizer's grid."""
+        preset = vqvae_train.PRESETS[args.vae_preset]
+        cfg = {k: getattr(args, k) or preset[k]
+               for k in ('z_channels', 'ch', 'ch_mult', 'num_res_blocks')}
+        side = self.tok.grid * 2 ** (len(cfg['ch_mult']) - 1)
+        if side != args.resolution:
+            raise UserError(f"--ch_mult {','.join(map(str, cfg['ch_mult']))} upsamples the "
+                            f"tokenizer's {self.tok.grid}x{self.tok.grid} tokens to {side} px, "
+                            f'not --resolution {args.resolution}: use levels that reach it')
+        return asdict(PixelDecoderConfig(vocab_size=self.tok.vocab_size, grid=self.tok.grid,
+                                         feature_dim=self.tok.centroids.shape[1], **cfg))
 
     def tokens(self, img):
         """img (B, 3, H, W) -> its DiGIT tokens (B, L), in float32 whatever --dtype."""

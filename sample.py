@@ -90,7 +90,8 @@ def build_parser():
                    help='images generated at once')
     p.add_argument('--edit_image', default='', help='zero-shot editing: the input image')
     p.add_argument('--edit_mask', default='', help='white = regenerate, black = keep')
-    p.add_argument('--out', default='', help='PNG to write (default: next to the checkpoint)')
+    p.add_argument('--out', default='', help='PNG to write (default: next to --pixdec if given, '
+                   'else next to --ckpt)')
     p.add_argument('--device', default='', help='cuda, mps or cpu (default: best available)')
     p.add_argument('--dtype', choices=['float32', 'bfloat16', 'float16'], help='autocast dtype '
                    '(default: bfloat16 on CUDA and on bf16-native CPUs, else float32)')
@@ -290,7 +291,8 @@ def main(args):
             kw = dict(edit_idx=[i.expand(len(labels), -1) for i in vae.img_to_idx(img)],
                       edit_mask=(hole < 0.5).float().expand(len(labels), -1, -1))
         images = gen(labels, args.seed, **kw) * 2 - 1
-        path = args.out or os.path.join(os.path.dirname(args.ckpt) or '.', 'sample_grid.png')
+        beside = os.path.dirname(args.pixdec or args.ckpt) or '.'
+        path = args.out or os.path.join(beside, 'sample_grid.png')
         data.save_image_grid(images.cpu(), path, nrow=len(classes))
         names = [class_names[c] for c in classes] if class_names else classes
         print(f'columns: {names if K else "unconditional"}\nwrote {path}')

@@ -3317,6 +3317,9 @@ def test_fid_frechet_distance_closed_forms():
            - 2 * np.trace(scipy.linalg.sqrtm(s1 @ s2).real))
     assert d12 == pytest.approx(ref, 1e-9)
     assert abs(fid.frechet_distance(x.mean(0), s1, x.mean(0), s1)) < 1e-8 * np.trace(s1)
+    a[:3] = 0                                                   # singular: rank 5 of 8
+    closed = ((mu1 - mu2) ** 2).sum() + (a + b - 2 * np.sqrt(a * b)).sum()
+    assert fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(closed, 1e-12)
     z = rng.normal(size=(10, 40)) * 3                          # rank 9 < 40: singular covariance
     d = fid.frechet_distance(z.mean(0), np.cov(z, rowvar=False), x.mean(0), s1)
     assert np.isfinite(d) and isinstance(d, float) and d > 0

@@ -224,11 +224,14 @@ class Training:
     def __init__(self, args, train_set, val_set, run):
         self.args, self.run = args, run
         self.train_set, self.val_set = train_set, val_set
-        self.config = config_from_args(args)
+        self.config = self.make_config(args)
         self.lpips = None
         if args.lpips_vgg:
             self.lpips = LPIPS().load(args.lpips_vgg, args.lpips_lin).to(run.device)
         self.disc = self.last = None
+
+    def make_config(self, args):
+        return config_from_args(args)
 
     def build(self):
         return vqvae.VQVAE(**self.config)
