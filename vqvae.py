@@ -380,8 +380,7 @@ class VQVAE(nn.Module):
         self.post_quant_conv = nn.Conv2d(cfg.z_channels, cfg.z_channels, 3, padding=1)
 
     @property
-    def resolution(self):
-        """The image side its finest token map covers."""
+    def resolution(self):   # the image side its finest token map covers
         return self.config.patch_nums[-1] * self.downsample
 
     def encode(self, img):
