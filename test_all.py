@@ -2571,15 +2571,19 @@ def test_pixdec_shapes_and_it_reads_centroids_not_ids():
                         model.state_dict(), 'x', 'PixelDecoder')
 
 
-def test_pixdec_learns_resumes_exactly_and_renders_the_gpts_samples(digit_run, tmp_path):
+def test_pixdec_learns_resumes_exactly_and_renders_the_gpts_samples(digit_run, tmp_path,
+                                                                     fid_net, monkeypatch):
     """train.py --model pixdec on a frozen tokenizer: 30 steps render held-out images from their
-    tokens better than the tokens' mean patches; 30 == 15 + resume 15, exactly; sample.py
+    tokens better than the tokens' mean patches, and log their rFID at every eval (with weights
+    found); 30 == 15 + resume 15, exactly; sample.py
     --pixdec draws GPT -> decoder with the sample's seed (grid and .npz); a decoder of another
     tokenizer, or --ch_mult that misses --resolution, is one line."""
     run = lambda out, *a: tiny_run(out, '--model', 'pixdec', '--tokenizer', digit_run.tok,
                                    '--max_iters', '30', '--eval_every', '30', *a)
-    whole = train.main(train.get_args(run(tmp_path / 'a')))
+    monkeypatch.setenv('FID_INCEPTION_WEIGHTS', fid_net[1])
+    whole = train.main(train.get_args(run(tmp_path / 'a', '--fid_images', '2')))
     log = open(tmp_path / 'a' / 'log.txt').read()
+    assert log.count(' fid ') == 1, log
     psnr, means = (float(log.split(f' {k} ')[-1].split()[0]) for k in ('psnr', 'means_psnr'))
     assert psnr > means + 0.5, log
     assert (tmp_path / 'a' / 'recon_000030.png').exists()
