@@ -269,7 +269,7 @@ def bench_chain(gpt_path, stage2_path, pixdec_path, batch, n_images=500):
     ckpt = checkpoint.load(gpt_path, '--gpt')
     stage1 = gpt.GPT.from_checkpoint(ckpt, ['gpt'], source=f'--gpt {gpt_path}').to(device)
     args = sample.get_args(['--ckpt', gpt_path, '--stage2', stage2_path, '--pixdec', pixdec_path])
-    sample.load(args, device)   # fills args with the GPT's sampling defaults (cfg, top-k)
+    sample.digit_defaults(args, ckpt, stage1)   # sample.py's cfg and top-k for this GPT
     labels = torch.arange(batch, device=device) % max(stage1.num_classes, 1)
     sampled = lambda: stage1.generate(labels, cfg=args.cfg, top_k=args.top_k, seed=0)
     t_gpt, tokens = timeit(sampled, device=device), sampled()                    # (B, L)

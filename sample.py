@@ -158,12 +158,7 @@ def load_digit(args, ckpt, device):
     stage1 = gpt.GPT.from_checkpoint(ckpt, ['gpt'], not args.no_ema, f'--ckpt {args.ckpt}')
     stage1 = stage1.to(device)
     render, decoder = (load_pixdec if args.pixdec else load_stage2)(args, ckpt, stage1, device)
-    if checkpoint.is_fairseq(ckpt):   # no null class; DiGIT's top-k
-        defaults(args, cfg=0.0, top_k=300 if stage1.num_classes else 200, top_p=0.0)
-        if args.cfg:
-            raise UserError(f"--cfg {args.cfg}: DiGIT's released stage 1 learnt no null class, "
-                            'so it has no guidance; use --cfg 0')
-    defaults(args, cfg=2.0, top_k=digit_top_k(stage1.config.vocab_size), top_p=0.0)
+    digit_defaults(args, ckpt, stage1)
 
     def generate(labels, seed, **edit):
         if edit:
@@ -172,6 +167,17 @@ def load_digit(args, ckpt, device):
                                  top_k=args.top_k, top_p=args.top_p, seed=seed)    # (B, S)
         return (render(tokens, seed) + 1) / 2
     return generate, decoder, stage1.num_classes, ckpt.get('class_names')
+
+
+def digit_defaults(args, ckpt, stage1):
+    """Stage 1's sampling flags the user left unset: DiGIT's for its released file (no null
+    class, so no guidance), ours otherwise (cfg 2, digit_top_k)."""
+    if checkpoint.is_fairseq(ckpt):
+        defaults(args, cfg=0.0, top_k=300 if stage1.num_classes else 200, top_p=0.0)
+        if args.cfg:
+            raise UserError(f"--cfg {args.cfg}: DiGIT's released stage 1 learnt no null class, "
+                            'so it has no guidance; use --cfg 0')
+    defaults(args, cfg=2.0, top_k=digit_top_k(stage1.config.vocab_size), top_p=0.0)
 
 
 def load_pixdec(args, ckpt, stage1, device):
